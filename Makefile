@@ -1,0 +1,35 @@
+# Two commands on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+READY  := $(VENV)/.cs_kernels_ready
+
+.PHONY: setup build test test-fast lint demo bench clean
+
+setup: $(READY)
+
+$(READY): tools/bootstrap.py requirements-dev.txt setup.py pyproject.toml $(wildcard csrc/*)
+	$(PYTHON) tools/bootstrap.py --venv $(VENV)
+	@touch $(READY)
+
+build: $(READY)
+
+lint: $(READY)
+	$(PY) tools/static_checks.py
+
+test: $(READY)
+	$(PY) tools/static_checks.py
+	CS_KERNELS_REQUIRE_CPU=1 $(PY) -m pytest -q tests
+
+test-fast: $(READY)
+	$(PY) -m pytest -q -x tests
+
+demo: $(READY)
+	$(PY) python/demo.py
+
+bench: $(READY)
+	$(PY) benchmarks/phase2_table.py --save
+	$(PY) -m pytest -q benchmarks --benchmark-only --benchmark-json=benchmarks/results/pytest-benchmark-latest.json
+
+clean:
+	rm -rf $(VENV) build *.egg-info cs_kernels/*.so

@@ -1,0 +1,35 @@
+"""cs_kernels: fast connection strength-based multi-task optimization.
+
+Jeong & Yoon, "Quantifying Task Priority for Multi-Task Optimization", CVPR 2024. The math
+every backend follows is restated in ALGORITHM.md; the README lists the backends.
+
+Public API (autograd-free):
+    batchnorm_scale, channel_strength, top_priority, plan_top_priority  -- strength
+    project_layer, phase2, Phase2Plan                                   -- Phase 2
+    available_backends, backend_status                                  -- dispatch
+"""
+
+from cs_kernels.backends import available_backends, backend_names, backend_status
+from cs_kernels.plan import ConnectionLayer, Phase2Plan
+from cs_kernels.projection import phase2, project_layer
+from cs_kernels.strength import (
+    batchnorm_scale,
+    channel_strength,
+    plan_top_priority,
+    top_priority,
+)
+
+__all__ = [
+    "ConnectionLayer",
+    "Phase2Plan",
+    "available_backends",
+    "backend_names",
+    "backend_status",
+    "batchnorm_scale",
+    "channel_strength",
+    "phase2",
+    "plan_top_priority",
+    "project_layer",
+    "top_priority",
+]
+__version__ = "0.1.0"

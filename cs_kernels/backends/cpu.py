@@ -1,0 +1,52 @@
+"""The ``cpu`` backend: the OpenMP C++ kernels of ``csrc/``, called as ``torch.ops``."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from cs_kernels import _extension
+from cs_kernels.backends.base import Backend
+from cs_kernels.plan import Phase2Plan
+
+
+class CpuBackend(Backend):
+    name = "cpu"
+
+    def unavailable_reason(self) -> str | None:
+        return _extension.load_error()
+
+    def supports(self, device: torch.device) -> bool:
+        return device.type == "cpu"
+
+    def row_sqnorm(self, weight: Tensor) -> Tensor:
+        result: Tensor = torch.ops.cs_kernels.row_sqnorm(weight.contiguous())
+        return result
+
+    def top_priority(self, strength: Tensor, plan: Phase2Plan) -> Tensor:
+        result: Tensor = torch.ops.cs_kernels.top_priority(
+            strength.contiguous(), plan.layer_table(strength.device)
+        )
+        return result
+
+    def phase2(
+        self,
+        grads: Tensor,
+        plan: Phase2Plan,
+        top: Tensor,
+        *,
+        group: bool,
+        project_uniform: bool,
+        out: Tensor,
+        projected: Tensor | None,
+    ) -> None:
+        torch.ops.cs_kernels.phase2_(
+            grads,
+            plan.layer_table(grads.device),
+            plan.gap_table(grads.device),
+            top.contiguous(),
+            group,
+            project_uniform,
+            out,
+            projected,
+        )

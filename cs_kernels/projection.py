@@ -1,0 +1,272 @@
+"""Phase 2, "conserve task priority" (ALGORITHM.md, paper Algorithm 1).
+
+`phase2` runs the whole model at once on the stacked buffer ``grads: [T, N]`` described by
+a `Phase2Plan`; `project_layer` runs one layer ``[T, C, ...]``. Both validate their
+arguments, then hand them to one backend. Nothing the caller owns is modified, except
+``out`` when given.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, overload
+
+import torch
+from torch import Tensor
+
+from cs_kernels._validation import (
+    MODES,
+    UNIFORM_RULES,
+    require_choice,
+    require_contiguous,
+    require_finite,
+    require_float,
+    require_rank,
+    require_same_device,
+    require_tensor,
+    require_top,
+    storage_overlaps,
+)
+from cs_kernels.backends import resolve_backend
+from cs_kernels.plan import Phase2Plan
+from cs_kernels.strength import _single_layer_plan, plan_top_priority
+
+Mode = Literal["group", "channel"]
+UniformRule = Literal["sum", "project"]
+
+
+def _check_out(out: object, grads: Tensor, numel: int) -> Tensor:
+    t = require_tensor(out, "out")
+    if t.dtype != grads.dtype:
+        raise TypeError(f"out must have the dtype of grads ({grads.dtype}), got {t.dtype}")
+    require_same_device(t, "out", grads, "grads")
+    if t.dim() != 1 or t.shape[0] != numel:
+        raise ValueError(f"out must have shape [{numel}], got {tuple(t.shape)}")
+    require_contiguous(t, "out")
+    if storage_overlaps(t, grads):
+        raise ValueError("out must not share memory with grads")
+    return t
+
+
+def _run_phase2(
+    grads: Tensor,
+    plan: Phase2Plan,
+    top: Tensor,
+    *,
+    mode: str,
+    uniform: str,
+    out: Tensor | None,
+    per_task: bool,
+    backend: str,
+    check_finite: bool,
+) -> tuple[Tensor, Tensor | None]:
+    """Shared tail of `phase2` and `project_layer`: arguments already shaped and checked."""
+    if check_finite:
+        require_finite(grads, "grads")
+    engine = resolve_backend(backend, grads.device)
+    numel = grads.shape[1]
+    result = out if out is not None else grads.new_empty(numel)
+    projected = grads.new_empty(grads.shape) if per_task else None
+    engine.phase2(
+        grads,
+        plan,
+        top,
+        group=mode == "group",
+        project_uniform=uniform == "project",
+        out=result,
+        projected=projected,
+    )
+    return result, projected
+
+
+def _check_grads(grads: object, min_rank: int, shape_doc: str) -> Tensor:
+    g = require_float(grads, "grads")
+    if g.dim() < min_rank:
+        raise ValueError(f"grads must be {shape_doc}, got shape {tuple(g.shape)}")
+    if g.shape[0] < 1:
+        raise ValueError("grads must hold at least one task (T >= 1)")
+    require_contiguous(g, "grads")
+    return g
+
+
+@overload
+def phase2(
+    grads: Tensor,
+    plan: Phase2Plan,
+    strength: Tensor | None = ...,
+    *,
+    top: Tensor | None = ...,
+    mode: Mode = ...,
+    uniform: UniformRule = ...,
+    out: Tensor | None = ...,
+    per_task: Literal[False] = ...,
+    backend: str = ...,
+    check: bool = ...,
+    check_finite: bool = ...,
+) -> Tensor: ...
+@overload
+def phase2(
+    grads: Tensor,
+    plan: Phase2Plan,
+    strength: Tensor | None = ...,
+    *,
+    top: Tensor | None = ...,
+    mode: Mode = ...,
+    uniform: UniformRule = ...,
+    out: Tensor | None = ...,
+    per_task: Literal[True],
+    backend: str = ...,
+    check: bool = ...,
+    check_finite: bool = ...,
+) -> tuple[Tensor, Tensor]: ...
+def phase2(
+    grads: Tensor,
+    plan: Phase2Plan,
+    strength: Tensor | None = None,
+    *,
+    top: Tensor | None = None,
+    mode: Mode = "group",
+    uniform: UniformRule = "sum",
+    out: Tensor | None = None,
+    per_task: bool = False,
+    backend: str = "auto",
+    check: bool = True,
+    check_finite: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Phase 2 for a whole model: combine the stacked per-task gradients in one call.
+
+    Args:
+        grads: ``[T, N]`` per-task gradients of the ``N`` shared elements (contiguous;
+            fp32, fp64, bf16 or fp16). Not modified.
+        plan: where the connection layers lie in ``[0, N)``.
+        strength: ``[T, plan.total_channels]`` raw connection strengths, layers in plan
+            order; normalised per layer. Give either ``strength`` or ``top``.
+        top: int64 ``[plan.total_channels]``, precomputed top-priority tasks.
+        mode: ``"group"`` (the paper) or ``"channel"`` (every channel its own group).
+        uniform: ``"sum"`` plainly sums a layer whose channels share one top task (the
+            authors' code); ``"project"`` projects it anyway (the paper's Algorithm 1).
+        out: optional ``[N]`` result buffer of ``grads.dtype`` (written in place).
+        per_task: also return the projected per-task gradients ``[T, N]``.
+        backend: ``"auto"`` or a name from `cs_kernels.available_backends`.
+        check: validate values (top range, strength sign): syncs on accelerators.
+        check_finite: also reject NaN/Inf in ``grads`` (reads it once more).
+
+    Returns:
+        ``[N]`` combined gradient (``out`` when given), plus ``[T, N]`` when ``per_task``.
+    """
+    g = _check_grads(grads, 2, "[T, N]")
+    require_rank(g, "grads", 2, "[T, N]")
+    if not isinstance(plan, Phase2Plan):
+        raise TypeError(f"plan must be a Phase2Plan, got {type(plan).__name__}")
+    if g.shape[1] != plan.numel:
+        raise ValueError(f"grads has {g.shape[1]} elements per task but plan.numel={plan.numel}")
+    require_choice(mode, "mode", MODES)
+    require_choice(uniform, "uniform", UNIFORM_RULES)
+    if out is not None:
+        _check_out(out, g, plan.numel)
+    if (strength is None) == (top is None):
+        raise ValueError("give exactly one of strength and top")
+    if strength is not None:
+        s = require_float(strength, "strength")
+        require_same_device(s, "strength", g, "grads")
+        if s.dim() != 2 or s.shape[0] != g.shape[0]:
+            raise ValueError(
+                f"strength must be [T={g.shape[0]}, {plan.total_channels}], got {tuple(s.shape)}"
+            )
+        top = plan_top_priority(s, plan, backend=backend, check=check)
+    else:
+        t = require_tensor(top, "top")
+        require_same_device(t, "top", g, "grads")
+        top = require_top(t, "top", plan.total_channels, g.shape[0], check).to(torch.int64)
+    result, projected = _run_phase2(
+        g,
+        plan,
+        top,
+        mode=mode,
+        uniform=uniform,
+        out=out,
+        per_task=per_task,
+        backend=backend,
+        check_finite=check_finite,
+    )
+    if per_task:
+        assert projected is not None
+        return result, projected
+    return result
+
+
+@overload
+def project_layer(
+    grads: Tensor,
+    top: Tensor,
+    *,
+    mode: Mode = ...,
+    uniform: UniformRule = ...,
+    per_task: Literal[False] = ...,
+    backend: str = ...,
+    check: bool = ...,
+    check_finite: bool = ...,
+) -> Tensor: ...
+@overload
+def project_layer(
+    grads: Tensor,
+    top: Tensor,
+    *,
+    mode: Mode = ...,
+    uniform: UniformRule = ...,
+    per_task: Literal[True],
+    backend: str = ...,
+    check: bool = ...,
+    check_finite: bool = ...,
+) -> tuple[Tensor, Tensor]: ...
+def project_layer(
+    grads: Tensor,
+    top: Tensor,
+    *,
+    mode: Mode = "group",
+    uniform: UniformRule = "sum",
+    per_task: bool = False,
+    backend: str = "auto",
+    check: bool = True,
+    check_finite: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Phase 2 for one connection layer.
+
+    Args:
+        grads: ``[T, C, ...]`` per-task gradients of the layer's weight (contiguous). Not
+            modified.
+        top: int64 ``[C]`` top-priority task per output channel (see `top_priority`).
+        mode, uniform, backend, check, check_finite: as in `phase2`.
+        per_task: also return the projected per-task gradients ``[T, C, ...]``.
+
+    Returns:
+        ``[C, ...]`` combined gradient, plus ``[T, C, ...]`` when ``per_task``.
+    """
+    g = _check_grads(grads, 2, "[T, C, ...] (at least 2-D)")
+    num_tasks, channels = g.shape[0], g.shape[1]
+    if channels < 1:
+        raise ValueError("grads must have at least one channel (dim 1)")
+    row_length = g[0, 0].numel()
+    if row_length < 1:
+        raise ValueError(f"grads has empty channel rows: shape {tuple(g.shape)}")
+    require_choice(mode, "mode", MODES)
+    require_choice(uniform, "uniform", UNIFORM_RULES)
+    t = require_tensor(top, "top")
+    require_same_device(t, "top", g, "grads")
+    top64 = require_top(t, "top", channels, num_tasks, check).to(torch.int64)
+    plan = _single_layer_plan(channels, row_length)
+    result, projected = _run_phase2(
+        g.reshape(num_tasks, -1),
+        plan,
+        top64,
+        mode=mode,
+        uniform=uniform,
+        out=None,
+        per_task=per_task,
+        backend=backend,
+        check_finite=check_finite,
+    )
+    combined = result.view(g.shape[1:])
+    if per_task:
+        assert projected is not None
+        return combined, projected.view(g.shape)
+    return combined

@@ -1,0 +1,102 @@
+// Connection strength on the CPU: per-channel squared weight norms and per-layer top priority.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "cpu_common.h"
+
+namespace cs_kernels {
+
+namespace {
+
+template <typename scalar_t>
+void row_sqnorm_kernel(const scalar_t* w, int64_t rows, int64_t cols,
+                       typename Acc<scalar_t>::type* out) {
+  using acc_t = typename Acc<scalar_t>::type;
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const scalar_t* row = w + r * cols;
+      acc_t lanes[kLanes] = {};
+      int64_t d = 0;
+      for (; d + kLanes <= cols; d += kLanes) {
+        for (int k = 0; k < kLanes; ++k) {
+          acc_t v = static_cast<acc_t>(row[d + k]);
+          lanes[k] += v * v;
+        }
+      }
+      acc_t tail = 0;
+      for (; d < cols; ++d) {
+        acc_t v = static_cast<acc_t>(row[d]);
+        tail += v * v;
+      }
+      out[r] = reduce_lanes(lanes) + tail;
+    }
+  });
+}
+
+template <typename acc_t>
+void top_priority_kernel(const acc_t* strength, int64_t tasks, int64_t total_channels,
+                         const int64_t* layers, int64_t num_layers, int64_t* top) {
+  at::parallel_for(0, num_layers, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> totals(tasks);
+    for (int64_t l = begin; l < end; ++l) {
+      const int64_t channels = layers[l * 4 + 1];
+      const int64_t first = layers[l * 4 + 3];
+      for (int64_t t = 0; t < tasks; ++t) {
+        const acc_t* s = strength + t * total_channels + first;
+        acc_t total = 0;
+        for (int64_t c = 0; c < channels; ++c) total += s[c];
+        totals[t] = total;
+      }
+      for (int64_t c = 0; c < channels; ++c) {
+        int64_t best = 0;
+        acc_t best_value = 0;
+        for (int64_t t = 0; t < tasks; ++t) {
+          const acc_t raw = strength[t * total_channels + first + c];
+          const acc_t value = totals[t] > 0 ? raw / totals[t] : acc_t(0);
+          if (t == 0 || value > best_value) {  // strict '>': ties stay on the smallest task
+            best = t;
+            best_value = value;
+          }
+        }
+        top[first + c] = best;
+      }
+    }
+  });
+}
+
+}  // namespace
+
+at::Tensor row_sqnorm_cpu(const at::Tensor& weight) {
+  TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous(), "weight must be contiguous [C, D]");
+  const auto acc_dtype = weight.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor out = at::empty({weight.size(0)}, weight.options().dtype(acc_dtype));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, weight.scalar_type(), "row_sqnorm", [&] {
+    row_sqnorm_kernel<scalar_t>(weight.data_ptr<scalar_t>(), weight.size(0), weight.size(1),
+                                out.data_ptr<typename Acc<scalar_t>::type>());
+  });
+  return out;
+}
+
+at::Tensor top_priority_cpu(const at::Tensor& strength, const at::Tensor& layers) {
+  TORCH_CHECK(strength.dim() == 2 && strength.is_contiguous(), "strength must be contiguous [T, C]");
+  TORCH_CHECK(strength.scalar_type() == at::kFloat || strength.scalar_type() == at::kDouble,
+              "strength must be float32 or float64");
+  TORCH_CHECK(layers.dim() == 2 && layers.size(1) == 4 && layers.scalar_type() == at::kLong,
+              "layers must be int64 [L, 4]");
+  at::Tensor top = at::zeros({strength.size(1)}, strength.options().dtype(at::kLong));
+  AT_DISPATCH_FLOATING_TYPES(strength.scalar_type(), "top_priority", [&] {
+    top_priority_kernel<scalar_t>(strength.data_ptr<scalar_t>(), strength.size(0),
+                                  strength.size(1), layers.contiguous().data_ptr<int64_t>(),
+                                  layers.size(0), top.data_ptr<int64_t>());
+  });
+  return top;
+}
+
+TORCH_LIBRARY_IMPL(cs_kernels, CPU, m) {
+  m.impl("row_sqnorm", &row_sqnorm_cpu);
+  m.impl("top_priority", &top_priority_cpu);
+}
+
+}  // namespace cs_kernels
