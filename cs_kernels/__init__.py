@@ -9,7 +9,12 @@ Public API (autograd-free):
     available_backends, backend_status                                  -- dispatch
 """
 
-from cs_kernels.backends import available_backends, backend_names, backend_status
+from cs_kernels.backends import (
+    BackendUnavailableError,
+    available_backends,
+    backend_names,
+    backend_status,
+)
 from cs_kernels.plan import ConnectionLayer, Phase2Plan
 from cs_kernels.projection import phase2, project_layer
 from cs_kernels.strength import (
@@ -20,6 +25,7 @@ from cs_kernels.strength import (
 )
 
 __all__ = [
+    "BackendUnavailableError",
     "ConnectionLayer",
     "Phase2Plan",
     "available_backends",

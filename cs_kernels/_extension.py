@@ -18,21 +18,24 @@ _error: str | None = None
 _loaded = False
 
 
+def _row_sqnorm_fake(weight: torch.Tensor) -> torch.Tensor:
+    dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    return weight.new_empty((weight.shape[0],), dtype=dtype)
+
+
+def _top_priority_fake(strength: torch.Tensor, layers: torch.Tensor) -> torch.Tensor:
+    return strength.new_empty((strength.shape[1],), dtype=torch.int64)
+
+
+def _phase2_fake(*args: object) -> None:
+    return None  # writes its `out`/`projected` arguments in place, returns nothing
+
+
 def _register_fakes() -> None:
     """Shape-only implementations so torch.compile can trace through the compiled ops."""
-
-    @torch.library.register_fake("cs_kernels::row_sqnorm")  # type: ignore[misc]
-    def _row_sqnorm_fake(weight: torch.Tensor) -> torch.Tensor:
-        dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
-        return weight.new_empty((weight.shape[0],), dtype=dtype)
-
-    @torch.library.register_fake("cs_kernels::top_priority")  # type: ignore[misc]
-    def _top_priority_fake(strength: torch.Tensor, layers: torch.Tensor) -> torch.Tensor:
-        return strength.new_empty((strength.shape[1],), dtype=torch.int64)
-
-    @torch.library.register_fake("cs_kernels::phase2_")  # type: ignore[misc]
-    def _phase2_fake(*args: object) -> None:
-        return None
+    torch.library.register_fake("cs_kernels::row_sqnorm", _row_sqnorm_fake)
+    torch.library.register_fake("cs_kernels::top_priority", _top_priority_fake)
+    torch.library.register_fake("cs_kernels::phase2_", _phase2_fake)
 
 
 def load() -> bool:

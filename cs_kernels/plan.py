@@ -129,7 +129,10 @@ class Phase2Plan:
         """int64 ``[L, 4]``: ``(offset, channels, row_length, first_channel)`` per layer."""
 
         def build() -> Tensor:
-            rows = [(*layer, first) for layer, first in zip(self.layers, self.first_channels)]
+            rows = [
+                (*layer, first)
+                for layer, first in zip(self.layers, self.first_channels, strict=True)
+            ]
             return torch.tensor(rows, dtype=torch.int64).reshape(len(rows), 4)
 
         return self.cached("layer_table", device, build)

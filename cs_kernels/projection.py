@@ -66,15 +66,16 @@ def _run_phase2(
     numel = grads.shape[1]
     result = out if out is not None else grads.new_empty(numel)
     projected = grads.new_empty(grads.shape) if per_task else None
-    engine.phase2(
-        grads,
-        plan,
-        top,
-        group=mode == "group",
-        project_uniform=uniform == "project",
-        out=result,
-        projected=projected,
-    )
+    with torch.no_grad():  # the API is autograd-free: gradients are data here
+        engine.phase2(
+            grads,
+            plan,
+            top,
+            group=mode == "group",
+            project_uniform=uniform == "project",
+            out=result,
+            projected=projected,
+        )
     return result, projected
 
 

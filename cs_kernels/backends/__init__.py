@@ -18,6 +18,11 @@ from cs_kernels.backends.torch_vectorized import TorchBackend
 
 ENV_VAR = "CS_KERNELS_BACKEND"
 
+
+class BackendUnavailableError(RuntimeError):
+    """An explicitly requested backend cannot run here (the message says why)."""
+
+
 BACKENDS: dict[str, Backend] = {
     backend.name: backend for backend in (CpuBackend(), TorchBackend(), ReferenceBackend())
 }
@@ -34,9 +39,7 @@ def backend_names() -> tuple[str, ...]:
 
 def backend_status() -> dict[str, str]:
     """``{name: "available" | why not}`` for every backend."""
-    return {
-        name: backend.unavailable_reason() or "available" for name, backend in BACKENDS.items()
-    }
+    return {name: backend.unavailable_reason() or "available" for name, backend in BACKENDS.items()}
 
 
 def available_backends(device: torch.device | str | None = None) -> list[str]:
@@ -67,7 +70,7 @@ def resolve_backend(name: object, device: torch.device, argument: str = "backend
     backend = BACKENDS[name]
     reason = backend.unavailable_reason()
     if reason is not None:
-        raise RuntimeError(f"{argument}={name!r} is unavailable: {reason}")
+        raise BackendUnavailableError(f"{argument}={name!r} is unavailable: {reason}")
     if not backend.supports(device):
         raise ValueError(f"{argument}={name!r} cannot run on {device} tensors")
     return backend

@@ -1,0 +1,55 @@
+"""Shared fixtures and helpers for the cs_kernels test suite.
+
+``CS_KERNELS_TEST_DEVICE`` picks the device for the whole suite (``cpu`` by default), so the
+same suite runs on a GPU by hand.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import cs_kernels as ck
+
+DEVICE = torch.device(os.environ.get("CS_KERNELS_TEST_DEVICE", "cpu"))
+
+# Every backend except the oracle, that can run on DEVICE here.
+FAST_BACKENDS = [b for b in ck.available_backends(DEVICE) if b != "reference"]
+
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+
+# (atol, rtol) relative to unit-scale gradients; the reference works in float64.
+TOLERANCES = {
+    torch.float64: (1e-10, 1e-10),
+    torch.float32: (2e-5, 2e-5),
+    torch.bfloat16: (3e-2, 2e-2),
+    torch.float16: (4e-3, 2e-3),
+}
+
+
+def assert_close(
+    actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str
+) -> None:
+    """allclose with per-dtype tolerances that also reports NaN/Inf mismatches."""
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
+    a, e = actual.double().cpu(), expected.double().cpu()
+    assert torch.equal(torch.isnan(a), torch.isnan(e)), f"{what}: NaN pattern differs"
+    assert torch.equal(torch.isinf(a), torch.isinf(e)), f"{what}: Inf pattern differs"
+    atol, rtol = TOLERANCES[dtype]
+    finite = torch.isfinite(e)
+    diff = (a - e).abs()[finite]
+    bound = (atol + rtol * e.abs())[finite]
+    if diff.numel() and bool((diff > bound).any()):
+        worst = int(torch.argmax(diff - bound))
+        raise AssertionError(
+            f"{what}: max |diff| {float(diff.max()):.3g}, worst at flat index {worst} "
+            f"(diff {float(diff[worst]):.3g} > bound {float(bound[worst]):.3g}), dtype {dtype}"
+        )
+
+
+@pytest.fixture
+def device() -> torch.device:
+    return DEVICE
