@@ -50,8 +50,16 @@ def require_same_device(x: Tensor, name: str, ref: Tensor, ref_name: str) -> Non
 
 
 def require_choice(value: object, name: str, choices: Sequence[str]) -> str:
-    if not isinstance(value, str) or value not in choices:
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a str, one of {list(choices)}, got {type(value).__name__}")
+    if value not in choices:
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+    return value
+
+
+def require_bool(value: object, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
     return value
 
 
@@ -96,8 +104,8 @@ def require_finite(x: Tensor, name: str) -> None:
 
 def storage_overlaps(a: Tensor, b: Tensor) -> bool:
     """True when the memory ranges of two tensors intersect."""
-    if a.device != b.device or a.numel() == 0 or b.numel() == 0:
-        return False
+    if a.device != b.device or a.device.type == "meta" or a.numel() == 0 or b.numel() == 0:
+        return False  # meta tensors have no memory (every data_ptr is 0)
     a0 = a.data_ptr()
     b0 = b.data_ptr()
     a1 = a0 + a.numel() * a.element_size()

@@ -11,6 +11,7 @@ built on first use for each device and cached on the plan.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import NamedTuple, TypeVar
 
@@ -100,19 +101,30 @@ class Phase2Plan:
             connected: which parameters are connection layers (dim 0 = output channels);
                 by default every parameter of rank >= 2.
         """
+        if isinstance(shapes, (str, bytes)) or not isinstance(shapes, Sequence):
+            raise TypeError("shapes must be a sequence of shapes (sequences of ints)")
         if connected is None:
-            connected = [len(s) >= 2 for s in shapes]
+            connected = [isinstance(s, Sequence) and len(s) >= 2 for s in shapes]
+        if isinstance(connected, (str, bytes)) or not isinstance(connected, Sequence):
+            raise TypeError("connected must be a sequence of bools")
         if len(connected) != len(shapes):
-            raise ValueError("connected must have one entry per shape")
+            raise ValueError(f"connected has {len(connected)} entries but shapes has {len(shapes)}")
         layers, offset = [], 0
-        for shape, is_layer in zip(shapes, connected, strict=True):
-            numel = 1
-            for size in shape:
-                numel *= int(size)
+        for i, (shape, is_layer) in enumerate(zip(shapes, connected, strict=True)):
+            if isinstance(shape, (str, bytes)) or not isinstance(shape, Sequence):
+                raise TypeError(
+                    f"shapes[{i}] must be a sequence of ints, got {type(shape).__name__}"
+                )
+            if not isinstance(is_layer, bool):
+                raise TypeError(f"connected[{i}] must be a bool, got {type(is_layer).__name__}")
+            sizes = [require_int(size, f"shapes[{i}][{j}]", 0) for j, size in enumerate(shape)]
+            numel = math.prod(sizes)
             if is_layer:
-                if len(shape) == 0 or numel == 0:
-                    raise ValueError(f"a connection layer needs a non-empty shape, got {shape}")
-                layers.append((offset, int(shape[0]), numel // int(shape[0])))
+                if len(sizes) == 0 or numel == 0:
+                    raise ValueError(
+                        f"shapes[{i}] is a connection layer: needs a non-empty shape, not {shape}"
+                    )
+                layers.append((offset, sizes[0], numel // sizes[0]))
             offset += numel
         return cls(layers, offset)
 

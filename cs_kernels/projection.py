@@ -16,6 +16,7 @@ from torch import Tensor
 from cs_kernels._validation import (
     MODES,
     UNIFORM_RULES,
+    require_bool,
     require_choice,
     require_contiguous,
     require_finite,
@@ -77,6 +78,11 @@ def _run_phase2(
             projected=projected,
         )
     return result, projected
+
+
+def _check_flags(**flags: object) -> None:
+    for name, value in flags.items():
+        require_bool(value, name)
 
 
 def _check_grads(grads: object, min_rank: int, shape_doc: str) -> Tensor:
@@ -162,6 +168,7 @@ def phase2(
         raise ValueError(f"grads has {g.shape[1]} elements per task but plan.numel={plan.numel}")
     require_choice(mode, "mode", MODES)
     require_choice(uniform, "uniform", UNIFORM_RULES)
+    _check_flags(per_task=per_task, check=check, check_finite=check_finite)
     if out is not None:
         _check_out(out, g, plan.numel)
     if (strength is None) == (top is None):
@@ -251,6 +258,7 @@ def project_layer(
         raise ValueError(f"grads has empty channel rows: shape {tuple(g.shape)}")
     require_choice(mode, "mode", MODES)
     require_choice(uniform, "uniform", UNIFORM_RULES)
+    _check_flags(per_task=per_task, check=check, check_finite=check_finite)
     t = require_tensor(top, "top")
     require_same_device(t, "top", g, "grads")
     top64 = require_top(t, "top", channels, num_tasks, check).to(torch.int64)

@@ -11,6 +11,7 @@ Edge behaviour follows the paper (see README): a BatchNorm without affine scale 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -18,6 +19,7 @@ from torch import Tensor
 
 from cs_kernels._validation import (
     accumulation_dtype,
+    require_bool,
     require_contiguous,
     require_finite_nonnegative,
     require_float,
@@ -60,8 +62,10 @@ def batchnorm_scale(
     var = _stack_tasks(running_var, "running_var")
     if gamma is None and var is None:
         raise ValueError("weight and running_var cannot both be None: no task-specific factor")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or eps < 0:
-        raise ValueError(f"eps must be a non-negative number, got {eps!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"eps must be a float, got {type(eps).__name__}")
+    if not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"eps must be a finite non-negative number, got {eps!r}")
     present = [(n, t) for n, t in (("weight", gamma), ("running_var", var)) if t is not None]
     for name, tensor in present:
         require_float(tensor, name)
@@ -78,8 +82,8 @@ def batchnorm_scale(
         factor = gamma.to(dtype).square()
     if var is not None:
         v = var.to(dtype)
-        if bool((v < 0).any()):
-            raise ValueError("running_var must be non-negative")
+        if not bool((v >= 0).all()):
+            raise ValueError("running_var must be non-negative and not NaN")
         factor = factor / (v + eps)
     return factor
 
@@ -147,7 +151,7 @@ def plan_top_priority(
         raise ValueError(
             f"strength has {strength.shape[1]} channels but the plan has {plan.total_channels}"
         )
-    if check:
+    if require_bool(check, "check"):
         require_finite_nonnegative(strength, "strength")
     engine = resolve_backend(backend, strength.device)
     values = strength.to(accumulation_dtype(strength.dtype)).contiguous()

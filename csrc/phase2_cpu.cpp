@@ -245,6 +245,21 @@ void phase2_cpu(const at::Tensor& grads, const at::Tensor& layers, const at::Ten
   const int64_t* lt = layer_table.data_ptr<int64_t>();
   const int64_t* gt = gap_table.data_ptr<int64_t>();
   const int64_t* top_ptr = top.data_ptr<int64_t>();
+  // Out-of-range tasks would index outside grads: always checked here (O(C), no device sync).
+  const int64_t tasks = grads.size(0);
+  TORCH_CHECK(std::all_of(top_ptr, top_ptr + top.numel(),
+                          [tasks](int64_t t) { return t >= 0 && t < tasks; }),
+              "top holds a task index outside [0, T)");
+  for (int64_t l = 0; l < layer_table.size(0); ++l) {
+    const int64_t* row = lt + 4 * l;
+    TORCH_CHECK(row[0] >= 0 && row[1] >= 1 && row[2] >= 1 && row[0] + row[1] * row[2] <= grads.size(1) &&
+                    row[3] >= 0 && row[3] + row[1] <= top.numel(),
+                "layers row ", l, " does not fit grads [T, N] and top [C]");
+  }
+  for (int64_t k = 0; k < gap_table.size(0); ++k) {
+    TORCH_CHECK(gt[2 * k] >= 0 && gt[2 * k + 1] >= 0 && gt[2 * k] + gt[2 * k + 1] <= grads.size(1),
+                "gaps row ", k, " does not fit grads [T, N]");
+  }
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grads.scalar_type(), "phase2", [&] {
     scalar_t* out_ptr = out.data_ptr<scalar_t>();

@@ -85,11 +85,17 @@ at::Tensor top_priority_cpu(const at::Tensor& strength, const at::Tensor& layers
               "strength must be float32 or float64");
   TORCH_CHECK(layers.dim() == 2 && layers.size(1) == 4 && layers.scalar_type() == at::kLong,
               "layers must be int64 [L, 4]");
+  const at::Tensor table = layers.contiguous();
+  const int64_t* rows = table.data_ptr<int64_t>();
+  for (int64_t l = 0; l < table.size(0); ++l) {
+    TORCH_CHECK(rows[4 * l + 1] >= 1 && rows[4 * l + 3] >= 0 &&
+                    rows[4 * l + 3] + rows[4 * l + 1] <= strength.size(1),
+                "layers row ", l, " does not fit strength [T, C]");
+  }
   at::Tensor top = at::zeros({strength.size(1)}, strength.options().dtype(at::kLong));
   AT_DISPATCH_FLOATING_TYPES(strength.scalar_type(), "top_priority", [&] {
     top_priority_kernel<scalar_t>(strength.data_ptr<scalar_t>(), strength.size(0),
-                                  strength.size(1), layers.contiguous().data_ptr<int64_t>(),
-                                  layers.size(0), top.data_ptr<int64_t>());
+                                  strength.size(1), rows, table.size(0), top.data_ptr<int64_t>());
   });
   return top;
 }

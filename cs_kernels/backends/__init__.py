@@ -56,7 +56,9 @@ def available_backends(device: torch.device | str | None = None) -> list[str]:
 
 def resolve_backend(name: object, device: torch.device, argument: str = "backend") -> Backend:
     """The backend to run for tensors on ``device``. Raises ValueError naming ``argument``."""
-    if not isinstance(name, str) or name not in backend_names():
+    if not isinstance(name, str):
+        raise TypeError(f"{argument} must be a str, got {type(name).__name__}")
+    if name not in backend_names():
         raise ValueError(f"{argument} must be one of {list(backend_names())}, got {name!r}")
     if name == "auto":
         override = os.environ.get(ENV_VAR, "").strip()
