@@ -71,6 +71,8 @@ def one_layer(channels: int, row_length: int) -> ck.Phase2Plan:
 # around the 16-lane and 512-element block boundaries of the CPU kernel.
 MIXED = ck.Phase2Plan([(300, 3, 17), (5, 4, 15), (80, 7, 16), (200, 2, 33), (450, 1, 1)], 470)
 BLOCKS = ck.Phase2Plan([(0, 3, 511), (1533, 2, 513), (2559, 1, 1025)], 3600)
+# Rows and a gap longer than the torch backend's 2048-element pieces.
+LONG = ck.Phase2Plan([(7000, 2, 4500), (16_000, 3, 2048)], 22_200)
 
 CASES = [
     Case("C1-D1", one_layer(1, 1), 3, random_top, normal_grads),
@@ -85,6 +87,7 @@ CASES = [
     Case("mixed-T9", MIXED, 9, random_top, normal_grads),
     Case("mixed-T24", MIXED, 24, random_top, normal_grads),
     Case("blocks-T4", BLOCKS, 4, random_top, normal_grads),
+    Case("long-rows-T3", LONG, 3, random_top, normal_grads),
     Case("uniform-top", MIXED, 3, constant_top(1), normal_grads),
     Case("empty-groups-T5", MIXED, 5, two_task_top, normal_grads),
     Case("zero-grads", MIXED, 3, random_top, zero_grads),

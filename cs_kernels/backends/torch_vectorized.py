@@ -20,8 +20,16 @@ from cs_kernels.backends.base import Backend
 from cs_kernels.plan import Phase2Plan
 
 
+# Longest run one segment-reduction output sums: a segment (a long gap, a long row) is cut into
+# pieces of at most this many elements, then the pieces are summed, so no thread of a GPU
+# segment reduction walks millions of elements alone. Both levels are deterministic.
+PIECE = 2048
+
+
 class SegmentTables(NamedTuple):
     seg_lengths: Tensor  # int64 [S]: length of each segment, in offset order
+    piece_lengths: Tensor  # int64 [P]: the segments cut into pieces of <= PIECE elements
+    seg_pieces: Tensor  # int64 [S]: how many pieces each segment has
     seg_channel: Tensor  # int64 [S]: channel (plan order) of the segment; total_channels = gap
     chan_segment: Tensor  # int64 [C]: segment index of each channel
     chan_layer: Tensor  # int64 [C]: layer index of each channel
@@ -49,7 +57,15 @@ def _build_tables(plan: Phase2Plan) -> SegmentTables:
     chan_segment[seg_channel[is_channel]] = torch.nonzero(is_channel).flatten()
     layer_channels = torch.tensor([layer.channels for layer in plan.layers], dtype=torch.int64)
     chan_layer = torch.repeat_interleave(torch.arange(plan.num_layers), layer_channels)
-    return SegmentTables(seg_lengths, seg_channel, chan_segment, chan_layer, layer_channels)
+    seg_pieces = (seg_lengths + PIECE - 1) // PIECE
+    # Every piece is PIECE long except the last one of its segment.
+    last = torch.cumsum(seg_pieces, 0) - 1
+    piece_lengths = torch.full((int(seg_pieces.sum()),), PIECE, dtype=torch.int64)
+    piece_lengths[last] = seg_lengths - (seg_pieces - 1) * PIECE
+    return SegmentTables(
+        seg_lengths, piece_lengths, seg_pieces, seg_channel, chan_segment, chan_layer,
+        layer_channels,
+    )  # fmt: skip
 
 
 def _segment_sum(x: Tensor, lengths: Tensor) -> Tensor:
@@ -125,7 +141,8 @@ class TorchBackend(Backend):
         elem_top = torch.repeat_interleave(seg_top, tables.seg_lengths, output_size=numel)
         top_rows = g.gather(0, elem_top[None, :])  # [1, N]: G_top(c) at every element
 
-        seg_dots = _segment_sum(g * top_rows, tables.seg_lengths)  # [T, S]
+        piece_dots = _segment_sum(g * top_rows, tables.piece_lengths)  # [T, P]
+        seg_dots = _segment_sum(piece_dots, tables.seg_pieces)  # [T, S]
         dots = seg_dots[:, tables.chan_segment]  # [T, C]
         coef = coefficients(dots, top, tables, group=group, project_uniform=project_uniform)
         coef_seg = torch.cat([coef, coef.new_zeros(coef.shape[0], 1)], dim=1)[
@@ -134,7 +151,11 @@ class TorchBackend(Backend):
 
         # sum_j G'_j = sum_j G_j - (sum_j coef_j) * G_top
         shrink = torch.repeat_interleave(coef_seg.sum(dim=0), tables.seg_lengths, output_size=numel)
-        out.copy_(g.sum(dim=0) - shrink * top_rows[0])
+        if out.dtype == g.dtype:  # in place: no [N] temporaries
+            torch.sum(g, dim=0, out=out)
+            out.addcmul_(shrink, top_rows[0], value=-1)
+        else:  # bf16/fp16: one rounding, at the end
+            out.copy_(g.sum(dim=0) - shrink * top_rows[0])
         if projected is not None:
             coef_elem = torch.repeat_interleave(
                 coef_seg, tables.seg_lengths, dim=1, output_size=numel

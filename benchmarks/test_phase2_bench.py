@@ -1,0 +1,126 @@
+"""pytest-benchmark cases for Phase 2 on ResNet-18/50 plans (run: ``pytest benchmarks``).
+
+Cases per (model, T): the floor ``torch.sum(grads, 0, out=out)``, ``cs_kernels.phase2`` for
+every available backend but ``reference`` in both modes, and (at T=3 only, it is slow) the
+authors'-style loop. The ``[T, N]`` buffers are a module-scoped fixture, built once per
+(model, T); pytest groups the tests by it, so one configuration is alive at a time.
+
+Not part of the test suite (``testpaths = ["tests"]``): collected only when named.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor
+
+import cs_kernels
+from cs_kernels.baseline_loop import authors_style_phase2
+from cs_kernels.model_shapes import model_plan
+from cs_kernels.plan import Phase2Plan
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+MODELS = ("resnet18", "resnet50")
+TASKS = (2, 3, 5)
+MODES = ("group", "channel")
+BACKENDS = [b for b in cs_kernels.available_backends(DEVICE) if b != "reference"]
+SLOW_BACKENDS = ("torch",) if DEVICE.type == "cpu" else ()  # ~0.3-0.8 s a call on CPU
+AUTHORS_TASKS = 3
+SEED = 0
+
+
+@dataclass
+class Workload:
+    """One (model, T) configuration: random fp32 gradients, their top tasks, an out buffer."""
+
+    model: str
+    plan: Phase2Plan
+    grads: Tensor
+    top: Tensor
+    out: Tensor
+
+    @property
+    def tasks(self) -> int:
+        return self.grads.shape[0]
+
+
+@pytest.fixture(
+    scope="module",
+    params=[(m, t) for m in MODELS for t in TASKS],
+    ids=lambda p: f"{p[0]}-T{p[1]}",
+)
+def workload(request: pytest.FixtureRequest) -> Iterator[Workload]:
+    """Seeded ``[T, N]`` gradients (~470 MB at resnet50, T=5), freed after its tests."""
+    model, tasks = request.param
+    plan = model_plan(model)
+    gen = torch.Generator(device=DEVICE).manual_seed(SEED)
+    grads = torch.randn(tasks, plan.numel, generator=gen, device=DEVICE)
+    strength = torch.rand(tasks, plan.total_channels, generator=gen, device=DEVICE)
+    top = cs_kernels.plan_top_priority(strength, plan)
+    out = torch.empty(plan.numel, device=DEVICE)
+    yield Workload(model, plan, grads, top, out)
+    del grads, top, out
+    if DEVICE.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def run(benchmark: Any, fn: Callable[[], object], *, slow: bool) -> None:
+    """Benchmark ``fn`` under inference mode; slow cases get 3 rounds of 1 call."""
+
+    def call() -> None:
+        with torch.inference_mode():
+            fn()
+        if DEVICE.type == "cuda":
+            torch.cuda.synchronize(DEVICE)
+
+    if slow:
+        benchmark.pedantic(call, rounds=3, iterations=1, warmup_rounds=1)
+    else:
+        benchmark(call)
+
+
+def describe(benchmark: Any, work: Workload, mode: str, backend: str) -> None:
+    """Record what was timed in the benchmark's extra_info (lands in --benchmark-json)."""
+    benchmark.extra_info.update(
+        model=work.model,
+        N=work.plan.numel,
+        T=work.tasks,
+        mode=mode,
+        backend=backend,
+        device=str(DEVICE),
+    )
+
+
+def test_floor(benchmark: Any, workload: Workload) -> None:
+    """The cost floor: read ``T*N``, write ``N``."""
+    describe(benchmark, workload, "-", "floor")
+    w = workload
+    run(benchmark, lambda: torch.sum(w.grads, 0, out=w.out), slow=False)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", MODES)
+def test_phase2(benchmark: Any, workload: Workload, mode: str, backend: str) -> None:
+    """``cs_kernels.phase2`` with one backend in one mode."""
+    describe(benchmark, workload, mode, backend)
+    w = workload
+
+    def call() -> None:
+        cs_kernels.phase2(
+            w.grads, w.plan, top=w.top, mode=mode, out=w.out, backend=backend, check=False
+        )
+
+    run(benchmark, call, slow=backend in SLOW_BACKENDS)
+
+
+def test_authors_loop(benchmark: Any, workload: Workload) -> None:
+    """The authors'-style loop (group mode), timed at T=3 only to keep the run short."""
+    if workload.tasks != AUTHORS_TASKS:
+        pytest.skip(f"the authors' loop is timed at T={AUTHORS_TASKS} only")
+    describe(benchmark, workload, "group", "authors_loop")
+    w = workload
+    run(benchmark, lambda: authors_style_phase2(w.grads, w.plan, w.top), slow=True)
