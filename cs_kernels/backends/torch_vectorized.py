@@ -19,7 +19,6 @@ from cs_kernels._validation import accumulation_dtype
 from cs_kernels.backends.base import Backend
 from cs_kernels.plan import Phase2Plan
 
-
 # Longest run one segment-reduction output sums: a segment (a long gap, a long row) is cut into
 # pieces of at most this many elements, then the pieces are summed, so no thread of a GPU
 # segment reduction walks millions of elements alone. Both levels are deterministic.
