@@ -11,17 +11,14 @@ Not part of the test suite (``testpaths = ["tests"]``): collected only when name
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
 import torch
-from torch import Tensor
 
 import cs_kernels
+from benchmarks.phase2_table import Workload, make_workload
 from cs_kernels.baseline_loop import authors_style_phase2
-from cs_kernels.model_shapes import model_plan
-from cs_kernels.plan import Phase2Plan
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 MODELS = ("resnet18", "resnet50")
@@ -33,21 +30,6 @@ AUTHORS_TASKS = 3
 SEED = 0
 
 
-@dataclass
-class Workload:
-    """One (model, T) configuration: random fp32 gradients, their top tasks, an out buffer."""
-
-    model: str
-    plan: Phase2Plan
-    grads: Tensor
-    top: Tensor
-    out: Tensor
-
-    @property
-    def tasks(self) -> int:
-        return self.grads.shape[0]
-
-
 @pytest.fixture(
     scope="module",
     params=[(m, t) for m in MODELS for t in TASKS],
@@ -56,14 +38,9 @@ class Workload:
 def workload(request: pytest.FixtureRequest) -> Iterator[Workload]:
     """Seeded ``[T, N]`` gradients (~470 MB at resnet50, T=5), freed after its tests."""
     model, tasks = request.param
-    plan = model_plan(model)
-    gen = torch.Generator(device=DEVICE).manual_seed(SEED)
-    grads = torch.randn(tasks, plan.numel, generator=gen, device=DEVICE)
-    strength = torch.rand(tasks, plan.total_channels, generator=gen, device=DEVICE)
-    top = cs_kernels.plan_top_priority(strength, plan)
-    out = torch.empty(plan.numel, device=DEVICE)
-    yield Workload(model, plan, grads, top, out)
-    del grads, top, out
+    work = make_workload(model, tasks, torch.float32, DEVICE, SEED)
+    yield work
+    del work
     if DEVICE.type == "cuda":
         torch.cuda.empty_cache()
 
@@ -88,7 +65,7 @@ def describe(benchmark: Any, work: Workload, mode: str, backend: str) -> None:
     benchmark.extra_info.update(
         model=work.model,
         N=work.plan.numel,
-        T=work.tasks,
+        T=work.grads.shape[0],
         mode=mode,
         backend=backend,
         device=str(DEVICE),
@@ -119,7 +96,7 @@ def test_phase2(benchmark: Any, workload: Workload, mode: str, backend: str) -> 
 
 def test_authors_loop(benchmark: Any, workload: Workload) -> None:
     """The authors'-style loop (group mode), timed at T=3 only to keep the run short."""
-    if workload.tasks != AUTHORS_TASKS:
+    if workload.grads.shape[0] != AUTHORS_TASKS:
         pytest.skip(f"the authors' loop is timed at T={AUTHORS_TASKS} only")
     describe(benchmark, workload, "group", "authors_loop")
     w = workload
