@@ -11,6 +11,7 @@ built on first use for each device and cached on the plan.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import NamedTuple, TypeVar
@@ -179,3 +180,9 @@ class Phase2Plan:
             f"Phase2Plan(numel={self.numel}, layers={self.num_layers}, "
             f"channels={self.total_channels}, connection_numel={self.connection_numel})"
         )
+
+
+@functools.lru_cache(maxsize=256)
+def single_layer_plan(channels: int, row_length: int) -> Phase2Plan:
+    """The plan of a lone ``[C, D]`` layer, cached so its device tables are built once."""
+    return Phase2Plan([(0, channels, row_length)], channels * row_length)

@@ -28,8 +28,8 @@ from cs_kernels._validation import (
     storage_overlaps,
 )
 from cs_kernels.backends import resolve_backend
-from cs_kernels.plan import Phase2Plan
-from cs_kernels.strength import _single_layer_plan, plan_top_priority
+from cs_kernels.plan import Phase2Plan, single_layer_plan
+from cs_kernels.strength import plan_top_priority
 
 Mode = Literal["group", "channel"]
 UniformRule = Literal["sum", "project"]
@@ -262,7 +262,7 @@ def project_layer(
     t = require_tensor(top, "top")
     require_same_device(t, "top", g, "grads")
     top64 = require_top(t, "top", channels, num_tasks, check).to(torch.int64)
-    plan = _single_layer_plan(channels, row_length)
+    plan = single_layer_plan(channels, row_length)
     result, projected = _run_phase2(
         g.reshape(num_tasks, -1),
         plan,

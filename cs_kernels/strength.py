@@ -27,7 +27,7 @@ from cs_kernels._validation import (
     require_same_device,
 )
 from cs_kernels.backends import resolve_backend
-from cs_kernels.plan import Phase2Plan
+from cs_kernels.plan import Phase2Plan, single_layer_plan
 
 
 def _stack_tasks(x: Tensor | Sequence[Tensor] | None, name: str) -> Tensor | None:
@@ -126,7 +126,7 @@ def top_priority(strength: Tensor, *, backend: str = "auto", check: bool = True)
     """
     require_float(strength, "strength")
     require_rank(strength, "strength", 2, "[T, C]")
-    plan = _single_layer_plan(strength.shape[1], 1) if strength.shape[1] > 0 else Phase2Plan([], 0)
+    plan = single_layer_plan(strength.shape[1], 1) if strength.shape[1] > 0 else Phase2Plan([], 0)
     return plan_top_priority(strength, plan, backend=backend, check=check)
 
 
@@ -157,16 +157,3 @@ def plan_top_priority(
     values = strength.to(accumulation_dtype(strength.dtype)).contiguous()
     require_contiguous(values, "strength")
     return engine.top_priority(values, plan)
-
-
-_PLANS: dict[tuple[int, int], Phase2Plan] = {}
-
-
-def _single_layer_plan(channels: int, row_length: int) -> Phase2Plan:
-    """The cached plan of a lone ``[C, D]`` layer (so its device tables are reused)."""
-    key = (channels, row_length)
-    if key not in _PLANS:
-        if len(_PLANS) > 256:
-            _PLANS.clear()
-        _PLANS[key] = Phase2Plan([(0, channels, row_length)], channels * row_length)
-    return _PLANS[key]

@@ -79,7 +79,9 @@ def main() -> int:
         run([str(python), "-m", "pip", "install", TORCH_PIN])
 
     missing = missing_requirements(python)
-    if missing and run([str(python), "-m", "pip", "install", *missing], check=False) != 0:
+    # Few retries and a short timeout: an offline machine should fail fast, then skip.
+    pip_install = [str(python), "-m", "pip", "install", "--retries", "1", "--timeout", "30"]
+    if missing and run([*pip_install, *missing], check=False) != 0:
         still = missing_requirements(python)
         fatal = [name for name in still if strict or name in REQUIRED]
         if fatal:
