@@ -12,7 +12,9 @@ $(READY): tools/bootstrap.py requirements-dev.txt setup.py pyproject.toml $(wild
 	$(PYTHON) tools/bootstrap.py --venv $(VENV)
 	@touch $(READY)
 
+# Rebuild the C++ extension now (e.g. after a torch upgrade left a stale binary).
 build: $(READY)
+	$(PY) -m pip install --no-build-isolation --no-deps -e .
 
 lint: $(READY)
 	$(PY) tools/static_checks.py

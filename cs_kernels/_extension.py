@@ -10,7 +10,7 @@ import importlib
 import torch
 
 BUILD_HINT = (
-    "build it with `make setup` (or `pip install --no-build-isolation -e .`) "
+    "build it with `make build` (or `pip install --no-build-isolation --no-deps -e .`) "
     "from the repository root"
 )
 

@@ -6,6 +6,7 @@ accelerators; the public functions run them only when ``check=True``.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -64,8 +65,10 @@ def require_bool(value: object, name: str) -> bool:
 
 
 def require_int(value: object, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+    """An integer (Python or NumPy, not bool) >= ``minimum``, returned as a Python int."""
+    if isinstance(value, bool) or not hasattr(value, "__index__") or isinstance(value, Tensor):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    value = operator.index(value)
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return value

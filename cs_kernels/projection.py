@@ -185,6 +185,10 @@ def phase2(
         t = require_tensor(top, "top")
         require_same_device(t, "top", g, "grads")
         top = require_top(t, "top", plan.total_channels, g.shape[0], check).to(torch.int64)
+    if out is not None:  # the kernels read top (and strength) while they write out
+        for name, tensor in (("top", top), ("strength", strength)):
+            if tensor is not None and storage_overlaps(out, tensor):
+                raise ValueError(f"out must not share memory with {name}")
     result, projected = _run_phase2(
         g,
         plan,

@@ -45,6 +45,8 @@ def batchnorm_scale(
     weight: Tensor | Sequence[Tensor] | None,
     running_var: Tensor | Sequence[Tensor] | None,
     eps: float = 1e-5,
+    *,
+    check: bool = True,
 ) -> Tensor:
     """Per-task BatchNorm factor ``f_t[c] = gamma_t[c]^2 / (running_var_t[c] + eps)``.
 
@@ -54,9 +56,11 @@ def batchnorm_scale(
         running_var: ``[T, C]`` (or T tensors ``[C]``); None without running statistics
             (factor ``gamma^2``).
         eps: the BatchNorm's epsilon.
+        check: verify that ``running_var`` is >= 0 and not NaN (syncs on a GPU).
 
     Returns:
-        ``[T, C]``, fp32 (fp64 when an input is fp64). Nothing is modified.
+        ``[T, C]``, fp32 (fp64 when an input is fp64), detached from autograd. Nothing is
+        modified.
     """
     gamma = _stack_tasks(weight, "weight")
     var = _stack_tasks(running_var, "running_var")
@@ -77,12 +81,13 @@ def batchnorm_scale(
             raise ValueError(
                 f"running_var has shape {tuple(var.shape)} but weight has {tuple(gamma.shape)}"
             )
+    require_bool(check, "check")
     factor = torch.ones((), dtype=dtype)
     if gamma is not None:
-        factor = gamma.to(dtype).square()
+        factor = gamma.detach().to(dtype).square()
     if var is not None:
-        v = var.to(dtype)
-        if not bool((v >= 0).all()):
+        v = var.detach().to(dtype)
+        if check and not bool((v >= 0).all()):
             raise ValueError("running_var must be non-negative and not NaN")
         factor = factor / (v + eps)
     return factor
@@ -97,7 +102,7 @@ def channel_strength(weight: Tensor, scale: Tensor, *, backend: str = "auto") ->
         backend: see `cs_kernels.available_backends`.
 
     Returns:
-        ``[T, C]``, fp32 (fp64 when ``weight`` is fp64).
+        ``[T, C]``, fp32 (fp64 when ``weight`` is fp64), detached from autograd.
     """
     require_float(weight, "weight")
     require_float(scale, "scale")
@@ -110,8 +115,8 @@ def channel_strength(weight: Tensor, scale: Tensor, *, backend: str = "auto") ->
         )
     require_same_device(scale, "scale", weight, "weight")
     engine = resolve_backend(backend, weight.device)
-    norms = engine.row_sqnorm(weight.reshape(weight.shape[0], -1))
-    return norms[None, :] * scale.to(norms.dtype)
+    norms = engine.row_sqnorm(weight.detach().reshape(weight.shape[0], -1))
+    return norms[None, :] * scale.detach().to(norms.dtype)
 
 
 def top_priority(strength: Tensor, *, backend: str = "auto", check: bool = True) -> Tensor:
@@ -154,6 +159,6 @@ def plan_top_priority(
     if require_bool(check, "check"):
         require_finite_nonnegative(strength, "strength")
     engine = resolve_backend(backend, strength.device)
-    values = strength.to(accumulation_dtype(strength.dtype)).contiguous()
+    values = strength.detach().to(accumulation_dtype(strength.dtype)).contiguous()
     require_contiguous(values, "strength")
     return engine.top_priority(values, plan)

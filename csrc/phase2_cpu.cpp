@@ -244,7 +244,9 @@ void phase2_cpu(const at::Tensor& grads, const at::Tensor& layers, const at::Ten
   const at::Tensor gap_table = gaps.contiguous();
   const int64_t* lt = layer_table.data_ptr<int64_t>();
   const int64_t* gt = gap_table.data_ptr<int64_t>();
-  const int64_t* top_ptr = top.data_ptr<int64_t>();
+  // A private copy (C integers): `out` may not alias what the kernel keeps reading.
+  const std::vector<int64_t> top_copy(top.data_ptr<int64_t>(), top.data_ptr<int64_t>() + top.numel());
+  const int64_t* top_ptr = top_copy.data();
   // Out-of-range tasks would index outside grads: always checked here (O(C), no device sync).
   const int64_t tasks = grads.size(0);
   TORCH_CHECK(std::all_of(top_ptr, top_ptr + top.numel(),

@@ -35,26 +35,28 @@ void row_sqnorm_kernel(const scalar_t* w, int64_t rows, int64_t cols,
   });
 }
 
-template <typename acc_t>
-void top_priority_kernel(const acc_t* strength, int64_t tasks, int64_t total_channels,
+// Normalisation in fp64 whatever the input: near-ties (e.g. one task's strengths a multiple
+// of another's) then resolve as in exact arithmetic, like the fp64 reference.
+template <typename scalar_t>
+void top_priority_kernel(const scalar_t* strength, int64_t tasks, int64_t total_channels,
                          const int64_t* layers, int64_t num_layers, int64_t* top) {
   at::parallel_for(0, num_layers, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> totals(tasks);
+    std::vector<double> totals(tasks);
     for (int64_t l = begin; l < end; ++l) {
       const int64_t channels = layers[l * 4 + 1];
       const int64_t first = layers[l * 4 + 3];
       for (int64_t t = 0; t < tasks; ++t) {
-        const acc_t* s = strength + t * total_channels + first;
-        acc_t total = 0;
-        for (int64_t c = 0; c < channels; ++c) total += s[c];
+        const scalar_t* s = strength + t * total_channels + first;
+        double total = 0;
+        for (int64_t c = 0; c < channels; ++c) total += static_cast<double>(s[c]);
         totals[t] = total;
       }
       for (int64_t c = 0; c < channels; ++c) {
         int64_t best = 0;
-        acc_t best_value = 0;
+        double best_value = 0;
         for (int64_t t = 0; t < tasks; ++t) {
-          const acc_t raw = strength[t * total_channels + first + c];
-          const acc_t value = totals[t] > 0 ? raw / totals[t] : acc_t(0);
+          const double raw = static_cast<double>(strength[t * total_channels + first + c]);
+          const double value = totals[t] > 0 ? raw / totals[t] : 0.0;
           if (t == 0 || value > best_value) {  // strict '>': ties stay on the smallest task
             best = t;
             best_value = value;

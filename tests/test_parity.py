@@ -78,3 +78,43 @@ def test_hand_computed_group_example(backend: str, device) -> None:
     assert torch.equal(
         ck.project_layer(grads, top, mode="channel", backend=backend).cpu(), out.cpu()
     )
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan")])
+def test_a_non_finite_group_does_not_disturb_the_others(value: float, device) -> None:
+    """Channel 0 (group of task 0) conflicts and must be projected on every backend even
+    when channel 1 (group of task 1) holds Inf/NaN (allowed with check_finite=False)."""
+    grads = torch.tensor(
+        [[[1.0, 0.0], [value, 1.0]], [[-1.0, 1.0], [2.0, value]]], dtype=torch.float64
+    ).to(device)
+    top = torch.tensor([0, 1], device=device)
+    for backend in [*FAST_BACKENDS, "reference"]:
+        for mode in ("group", "channel"):
+            out = ck.project_layer(grads, top, mode=mode, backend=backend)
+            assert out[0].cpu().tolist() == [1.0, 1.0], (backend, mode)
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_proportional_strengths_tie_as_in_exact_arithmetic(backend: str, device) -> None:
+    """Task k's strengths are exactly m_k times task 0's: after normalisation every channel
+    ties, so task 0 leads everywhere, as in the reference. The values have 20 significant
+    bits, so m_k x is exact in fp32 but the layer totals are not: an fp32 normalisation tips
+    whole layers to whichever task's total happened to round down."""
+    layers, channels = 8, 2048
+    plan = ck.Phase2Plan([(i * channels, channels, 1) for i in range(layers)], layers * channels)
+    gen = torch.Generator().manual_seed(0)
+    s0 = torch.round(torch.rand(layers * channels, generator=gen) * 2**20) / 2**20 + 2**-20
+    multipliers = torch.tensor([1.0, 3.0, 5.0, 7.0, 13.0])
+    strength = (multipliers[:, None] * s0[None, :]).to(device)
+    assert torch.equal(strength.double(), multipliers.double()[:, None] * s0.double().to(device))
+    expected = ck.plan_top_priority(strength, plan, backend="reference")
+    assert bool((expected == 0).all())
+    assert torch.equal(ck.plan_top_priority(strength, plan, backend=backend), expected)
+
+
+def test_out_may_not_alias_top() -> None:
+    plan = ck.Phase2Plan([(0, 64, 1)], 64)
+    grads = torch.randn(2, 64, dtype=torch.float64)
+    top = torch.randint(0, 2, (64,))
+    with pytest.raises(ValueError, match="out must not share memory with top"):
+        ck.phase2(grads, plan, top=top, out=top.view(torch.float64))

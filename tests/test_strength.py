@@ -103,3 +103,31 @@ def test_model_shapes_element_counts() -> None:
     assert count(resnet50_conv_shapes()) == 23_454_912 and len(resnet50_conv_shapes()) == 53
     plan = model_plan("resnet50")
     assert plan.numel == plan.connection_numel == 23_454_912 and plan.gaps == ()
+
+
+def test_strength_pipeline_needs_no_host_sync_when_unchecked() -> None:
+    """Meta tensors have no values: any hidden sync (.item(), bool(tensor)) would raise."""
+    meta = torch.device("meta")
+    plan = ck.Phase2Plan([(0, 8, 27), (216, 4, 8)], 250)
+    gamma, var = torch.ones(3, 12, device=meta), torch.ones(3, 12, device=meta)
+    scale = ck.batchnorm_scale(gamma, var, check=False)
+    strength = torch.cat(
+        [
+            ck.channel_strength(torch.ones(8, 3, 3, 3, device=meta), scale[:, :8]),
+            ck.channel_strength(torch.ones(4, 8, device=meta), scale[:, 8:]),
+        ],
+        dim=1,
+    )
+    grads = torch.ones(3, 250, device=meta)
+    out = ck.phase2(grads, plan, strength, check=False, backend="torch")
+    assert out.shape == (250,) and out.device == meta
+    with pytest.raises(RuntimeError):  # the checked path does read values
+        ck.batchnorm_scale(gamma, var)
+
+
+def test_strength_functions_are_detached_from_autograd() -> None:
+    conv = torch.nn.Conv2d(3, 4, 3)
+    bn = [torch.nn.BatchNorm2d(4) for _ in range(2)]
+    scale = ck.batchnorm_scale([b.weight for b in bn], [b.running_var for b in bn])
+    strength = ck.channel_strength(conv.weight, scale)
+    assert not scale.requires_grad and not strength.requires_grad

@@ -14,7 +14,9 @@ reported and skipped.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
+import site
 import subprocess
 import sys
 import venv
@@ -44,14 +46,38 @@ def probe(python: Path, code: str) -> bool:
     return result.returncode == 0
 
 
+def link_parent_environment(venv_dir: Path, python: Path) -> None:
+    """Let ``.venv`` see the packages of the interpreter running this script.
+
+    ``--system-site-packages`` exposes the *base* installation only. When this interpreter
+    is itself a virtual environment holding torch (the GPU machines' ``python3`` is one),
+    a ``.pth`` file in ``.venv`` adds that environment's site-packages after its own.
+    """
+    if sys.prefix == sys.base_prefix or Path(sys.prefix).resolve() == venv_dir:
+        return
+    if importlib.util.find_spec("torch") is None:
+        return
+    purelib = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd="/",
+    ).stdout.strip()
+    parents = [p for p in site.getsitepackages() if Path(p).is_dir()]
+    (Path(purelib) / "_cs_kernels_parent_env.pth").write_text("\n".join(parents) + "\n")
+    log(f"{sys.prefix} is a virtual environment with torch: .venv also sees {parents}")
+
+
 def missing_requirements(python: Path) -> list[str]:
     lines = (ROOT / "requirements-dev.txt").read_text().splitlines()
-    names = [line.split("#")[0].strip() for line in lines]
+    requirements = [line.split("#")[0].strip() for line in lines]
     missing = []
-    for name in filter(None, names):
-        code = f"import importlib.metadata as m; m.version({name!r})"
-        if not probe(python, code):
-            missing.append(name)
+    for requirement in filter(None, requirements):
+        name, _, pinned = requirement.partition("==")
+        check = f"v = m.version({name!r})" + (f"; assert v == {pinned!r}" if pinned else "")
+        if not probe(python, f"import importlib.metadata as m; {check}"):
+            missing.append(requirement)
     return missing
 
 
@@ -66,6 +92,7 @@ def main() -> int:
     if not python.exists():
         log(f"creating {venv_dir} (with system site-packages)")
         venv.EnvBuilder(system_site_packages=True, with_pip=True).create(venv_dir)
+    link_parent_environment(venv_dir, python)
 
     if probe(python, "import torch"):
         version = subprocess.run(
@@ -75,15 +102,16 @@ def main() -> int:
             cwd="/",
         ).stdout.strip()
         log(f"reusing the installed torch {version}")
-    else:
-        run([str(python), "-m", "pip", "install", TORCH_PIN])
+    elif run([str(python), "-m", "pip", "install", TORCH_PIN], check=False) != 0:
+        log(f"no torch imports and `pip install {TORCH_PIN}` failed: install torch first")
+        return 1
 
     missing = missing_requirements(python)
     # Few retries and a short timeout: an offline machine should fail fast, then skip.
     pip_install = [str(python), "-m", "pip", "install", "--retries", "1", "--timeout", "30"]
     if missing and run([*pip_install, *missing], check=False) != 0:
         still = missing_requirements(python)
-        fatal = [name for name in still if strict or name in REQUIRED]
+        fatal = [r for r in still if strict or r.partition("==")[0] in REQUIRED]
         if fatal:
             log(f"could not install {fatal}")
             return 1

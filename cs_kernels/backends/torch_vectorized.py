@@ -69,6 +69,9 @@ def _build_tables(plan: Phase2Plan) -> SegmentTables:
 
 def _segment_sum(x: Tensor, lengths: Tensor) -> Tensor:
     """Sum the last dimension of ``x: [..., M]`` in runs of ``lengths: [S]`` -> ``[..., S]``."""
+    if x.device.type == "mps":
+        # PyTorch has no MPS segment_reduce yet (pytorch/pytorch#197880): reduce on the CPU.
+        return _segment_sum(x.cpu(), lengths.cpu()).to(x.device)
     return torch.segment_reduce(
         x, "sum", lengths=lengths.expand(*x.shape[:-1], lengths.shape[0]), axis=x.dim() - 1,
         unsafe=True,
@@ -83,20 +86,22 @@ def coefficients(
     ``dots[j, c] = <G_top(c)[c], G_j[c]>``; the coefficient is ``a / ||G_i||^2`` where the
     group's (or the channel's) ``a < 0``, and 0 on the top task's own row.
     """
-    num_tasks, num_layers = dots.shape[0], tables.layer_channels.shape[0]
+    num_tasks = dots.shape[0]
     is_top = top[None, :] == torch.arange(num_tasks, device=top.device)[:, None]  # [T, C]
+    # counts[i, l]: channels of layer l whose top task is i (exact in float below 2^24).
+    counts = _segment_sum(is_top.to(dots.dtype), tables.layer_channels)  # [T, L]
     if group:
-        # A[j, i, l] = sum over channels c of layer l with top i of dots[j, c].
-        per_group = dots[:, None, :] * is_top[None, :, :].to(dots.dtype)  # [T, T, C]
-        sums = _segment_sum(per_group, tables.layer_channels)  # [T, T, L]
-        lookup = top * num_layers + tables.chan_layer  # [C]: the channel's (i, l)
-        a = sums.reshape(num_tasks, -1)[:, lookup]  # [T, C]
+        # Group g = (layer l, top task i) = l * T + i. Sort the channels by group (stable),
+        # then one segment sum gives a[j, g] = sum of dots[j, c] over the group's channels.
+        group_of = tables.chan_layer * num_tasks + top  # [C]
+        order = torch.argsort(group_of, stable=True)
+        sizes = counts.t().reshape(-1).round().to(torch.int64)  # [L * T], in group order
+        a = _segment_sum(dots[:, order], sizes)[:, group_of]  # [T, C]: the channel's group
     else:
         a = dots
     norm_sq = a.gather(0, top[None, :])  # [1, C]: ||G_i[CG_i]||^2 (or the row's)
     conflict = (a < 0) & ~is_top & (norm_sq > 0)
     if not project_uniform:
-        counts = _segment_sum(is_top.to(dots.dtype), tables.layer_channels)  # [T, L]
         uniform = counts.amax(dim=0) == tables.layer_channels.to(dots.dtype)  # [L]
         conflict = conflict & ~uniform[tables.chan_layer][None, :]
     return torch.where(conflict, a / norm_sq, torch.zeros_like(a))
@@ -116,7 +121,8 @@ class TorchBackend(Backend):
 
     def top_priority(self, strength: Tensor, plan: Phase2Plan) -> Tensor:
         tables = self.tables(plan, strength.device)
-        raw = strength.to(accumulation_dtype(strength.dtype))
+        # fp64 (where the device has it), as the reference: near-ties resolve exactly.
+        raw = strength.to(torch.float32 if strength.device.type == "mps" else torch.float64)
         totals = _segment_sum(raw, tables.layer_channels)[:, tables.chan_layer]  # [T, C]
         normalised = torch.where(totals > 0, raw / totals, torch.zeros_like(raw))
         return normalised.argmax(dim=0)  # the first maximum: ties go to the smallest task
