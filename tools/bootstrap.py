@@ -57,15 +57,8 @@ def link_parent_environment(venv_dir: Path, python: Path) -> None:
         return
     if importlib.util.find_spec("torch") is None:
         return
-    purelib = subprocess.run(
-        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        capture_output=True,
-        text=True,
-        check=True,
-        cwd="/",
-    ).stdout.strip()
     parents = [p for p in site.getsitepackages() if Path(p).is_dir()]
-    (Path(purelib) / "_cs_kernels_parent_env.pth").write_text("\n".join(parents) + "\n")
+    (site_packages(python) / "_cs_kernels_parent_env.pth").write_text("\n".join(parents) + "\n")
     log(f"{sys.prefix} is a virtual environment with torch: .venv also sees {parents}")
 
 
@@ -79,6 +72,30 @@ def missing_requirements(python: Path) -> list[str]:
         if not probe(python, f"import importlib.metadata as m; {check}"):
             missing.append(requirement)
     return missing
+
+
+def site_packages(python: Path) -> Path:
+    code = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
+    result = subprocess.run([str(python), "-c", code], capture_output=True, text=True, cwd="/")
+    return Path(result.stdout.strip())
+
+
+def install_package(python: Path) -> bool:
+    """Editable install with the C++ extension built in place.
+
+    pip's editable install needs a setuptools that can build wheels (>= 70.1, or the
+    `wheel` package). Where the environment has an older one and nothing can be fetched,
+    build the extension in place and put the repository on the path with a ``.pth`` file:
+    the same result, without pip's metadata.
+    """
+    pip = [str(python), "-m", "pip", "install", "--no-build-isolation", "--no-deps", "-e", "."]
+    if run(pip, check=False) == 0:
+        return True
+    log("pip could not install the package in editable mode; building in place instead")
+    if run([str(python), "setup.py", "build_ext", "--inplace"], check=False) != 0:
+        return False
+    (site_packages(python) / "_cs_kernels_source.pth").write_text(f"{ROOT}\n")
+    return True
 
 
 def main() -> int:
@@ -117,9 +134,8 @@ def main() -> int:
             return 1
         log(f"offline? skipped optional tools {still}; their checks will say so")
 
-    build = [str(python), "-m", "pip", "install", "--no-build-isolation", "--no-deps", "-e", "."]
-    if run(build, check=False) != 0:
-        log("building the C++ extension failed: the cpu backend will be unavailable")
+    if not install_package(python):
+        log("building the C++ extension failed: the cpu backend would be unavailable")
         return 1
     log("ready")
     return 0
