@@ -127,6 +127,8 @@ def main() -> int:
     # Few retries and a short timeout: an offline machine should fail fast, then skip.
     pip_install = [str(python), "-m", "pip", "install", "--retries", "1", "--timeout", "30"]
     if missing and run([*pip_install, *missing], check=False) != 0:
+        for requirement in missing:  # one by one: what can be had still gets installed
+            run([*pip_install, requirement], check=False)
         still = missing_requirements(python)
         fatal = [r for r in still if strict or r.partition("==")[0] in REQUIRED]
         if fatal:
