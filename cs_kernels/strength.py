@@ -20,7 +20,6 @@ from torch import Tensor
 from cs_kernels._validation import (
     accumulation_dtype,
     require_bool,
-    require_contiguous,
     require_finite_nonnegative,
     require_float,
     require_rank,
@@ -160,5 +159,4 @@ def plan_top_priority(
         require_finite_nonnegative(strength, "strength")
     engine = resolve_backend(backend, strength.device)
     values = strength.detach().to(accumulation_dtype(strength.dtype)).contiguous()
-    require_contiguous(values, "strength")
     return engine.top_priority(values, plan)
