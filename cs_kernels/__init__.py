@@ -5,7 +5,7 @@ every backend follows is restated in ALGORITHM.md; the README lists the backends
 
 Public API (autograd-free):
     batchnorm_scale, channel_strength, top_priority, plan_top_priority  -- strength
-    project_layer, phase2, Phase2Plan                                   -- Phase 2
+    project_layer, phase2, phase2_from_weights, Phase2Plan              -- Phase 2
     available_backends, backend_status                                  -- dispatch
 """
 
@@ -16,7 +16,7 @@ from cs_kernels.backends import (
     backend_status,
 )
 from cs_kernels.plan import ConnectionLayer, Phase2Plan
-from cs_kernels.projection import phase2, project_layer
+from cs_kernels.projection import phase2, phase2_from_weights, project_layer
 from cs_kernels.strength import (
     batchnorm_scale,
     channel_strength,
@@ -34,6 +34,7 @@ __all__ = [
     "batchnorm_scale",
     "channel_strength",
     "phase2",
+    "phase2_from_weights",
     "plan_top_priority",
     "project_layer",
     "top_priority",

@@ -8,6 +8,7 @@ arguments, then hand them to one backend. Nothing the caller owns is modified, e
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal, overload
 
 import torch
@@ -16,10 +17,12 @@ from torch import Tensor
 from cs_kernels._validation import (
     MODES,
     UNIFORM_RULES,
+    accumulation_dtype,
     require_bool,
     require_choice,
     require_contiguous,
     require_finite,
+    require_finite_nonnegative,
     require_float,
     require_rank,
     require_same_device,
@@ -283,3 +286,122 @@ def project_layer(
         assert projected is not None
         return combined, projected.view(g.shape)
     return combined
+
+
+def _check_weights(weights: object, plan: Phase2Plan, grads: Tensor) -> list[Tensor]:
+    """The shared weights as ``[C_i, D_i]`` detached views (copies only if strided)."""
+    if isinstance(weights, Tensor) or not isinstance(weights, (list, tuple)):
+        raise TypeError("weights must be a list or tuple of tensors, one per plan layer")
+    if len(weights) != len(plan.layers):
+        raise ValueError(f"weights has {len(weights)} tensors but the plan has {len(plan.layers)}")
+    rows: list[Tensor] = []
+    for i, (weight, layer) in enumerate(zip(weights, plan.layers, strict=True)):
+        name = f"weights[{i}]"
+        w = require_float(weight, name)
+        require_same_device(w, name, grads, "grads")
+        if rows and w.dtype != rows[0].dtype:
+            raise TypeError(f"{name} is {w.dtype} but weights[0] is {rows[0].dtype}")
+        if w.dim() < 1 or w.shape[0] != layer.channels:
+            raise ValueError(
+                f"{name} has shape {tuple(w.shape)}; plan layer {i} has {layer.channels} channels"
+            )
+        if w.numel() != layer.channels * layer.row_length:
+            raise ValueError(
+                f"{name} has {w.numel()} elements; plan layer {i} is "
+                f"{layer.channels} x {layer.row_length}"
+            )
+        rows.append(w.detach().reshape(layer.channels, layer.row_length).contiguous())
+    return rows
+
+
+@overload
+def phase2_from_weights(
+    grads: Tensor,
+    plan: Phase2Plan,
+    weights: Sequence[Tensor],
+    scales: Tensor,
+    *,
+    mode: Mode = ...,
+    uniform: UniformRule = ...,
+    out: Tensor | None = ...,
+    per_task: Literal[False] = ...,
+    backend: str = ...,
+    check: bool = ...,
+    check_finite: bool = ...,
+) -> Tensor: ...
+@overload
+def phase2_from_weights(
+    grads: Tensor,
+    plan: Phase2Plan,
+    weights: Sequence[Tensor],
+    scales: Tensor,
+    *,
+    mode: Mode = ...,
+    uniform: UniformRule = ...,
+    out: Tensor | None = ...,
+    per_task: Literal[True],
+    backend: str = ...,
+    check: bool = ...,
+    check_finite: bool = ...,
+) -> tuple[Tensor, Tensor]: ...
+def phase2_from_weights(
+    grads: Tensor,
+    plan: Phase2Plan,
+    weights: Sequence[Tensor],
+    scales: Tensor,
+    *,
+    mode: Mode = "group",
+    uniform: UniformRule = "sum",
+    out: Tensor | None = None,
+    per_task: bool = False,
+    backend: str = "auto",
+    check: bool = True,
+    check_finite: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Strength, priority and Phase 2 together, starting from the live shared weights.
+
+    Args:
+        grads: ``[T, N]`` stacked per-task gradients, as in `phase2`.
+        plan: where the connection layers lie in ``[0, N)``.
+        weights: one shared weight per plan layer, in plan order: ``[C_i, ...]`` with
+            ``C_i * D_i`` elements, one float dtype. Not modified.
+        scales: ``[T, plan.total_channels]`` per-task factors (e.g. `batchnorm_scale` of
+            each layer, concatenated along channels).
+        mode, uniform, out, per_task, backend, check_finite: as in `phase2`.
+        check: validate ``scales`` (finite, >= 0): syncs on accelerators.
+
+    Returns:
+        As `phase2`: ``[N]``, plus ``[T, N]`` when ``per_task``.
+    """
+    g = _check_grads(grads, 2, "[T, N]")
+    require_rank(g, "grads", 2, "[T, N]")
+    if not isinstance(plan, Phase2Plan):
+        raise TypeError(f"plan must be a Phase2Plan, got {type(plan).__name__}")
+    require_bool(check, "check")
+    rows = _check_weights(weights, plan, g)
+    s = require_float(scales, "scales")
+    require_same_device(s, "scales", g, "grads")
+    if s.dim() != 2 or s.shape[0] != g.shape[0] or s.shape[1] != plan.total_channels:
+        raise ValueError(
+            f"scales must be [T={g.shape[0]}, {plan.total_channels}], got {tuple(s.shape)}"
+        )
+    if check:
+        require_finite_nonnegative(s, "scales")
+    if out is not None and storage_overlaps(out, s):
+        raise ValueError("out must not share memory with scales")
+    engine = resolve_backend(backend, g.device)
+    acc = accumulation_dtype(rows[0].dtype) if rows else torch.float32
+    with torch.no_grad():
+        top = engine.weights_top_priority(rows, s.detach().to(acc).contiguous(), plan)
+    return phase2(  # type: ignore[call-overload,no-any-return]
+        g,
+        plan,
+        top=top,
+        mode=mode,
+        uniform=uniform,
+        out=out,
+        per_task=per_task,
+        backend=backend,
+        check=False,
+        check_finite=check_finite,
+    )

@@ -286,7 +286,7 @@ PHASE2_CASES = [
     # -- mode, uniform, backend ----------------------------------------------------------
     case("mode-unknown", with_kw(P2, mode="groups"), ValueError, arg("mode")),
     case("uniform-unknown", with_kw(P2, uniform="skip"), ValueError, arg("uniform")),
-    case("backend-unknown", with_kw(P2, backend="cuda"), ValueError, arg("backend")),
+    case("backend-unknown", with_kw(P2, backend="tpu"), ValueError, arg("backend")),
     case("backend-unknown-strength", with_kw(P2S, backend="fast"), ValueError, arg("backend")),
     case(
         "backend-cpu-on-meta",

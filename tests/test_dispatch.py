@@ -26,7 +26,7 @@ def test_cpu_backend_is_built_when_required() -> None:
 
 def test_status_lists_every_backend_with_a_reason() -> None:
     status = ck.backend_status()
-    assert set(status) == {"cpu", "torch", "reference"}
+    assert set(status) == {"triton", "cuda", "cpu", "torch", "reference"}
     assert status["torch"] == "available" and status["reference"] == "available"
     assert all(isinstance(reason, str) and reason for reason in status.values())
 

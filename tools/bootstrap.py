@@ -68,6 +68,7 @@ def missing_requirements(python: Path) -> list[str]:
     missing = []
     for requirement in filter(None, requirements):
         name, _, pinned = requirement.partition("==")
+        name = name.partition("[")[0]  # `pkg[extra]`: the distribution is `pkg`
         check = f"v = m.version({name!r})" + (f"; assert v == {pinned!r}" if pinned else "")
         if not probe(python, f"import importlib.metadata as m; {check}"):
             missing.append(requirement)

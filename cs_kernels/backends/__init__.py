@@ -13,8 +13,10 @@ import torch
 
 from cs_kernels.backends.base import Backend
 from cs_kernels.backends.cpu import CpuBackend
+from cs_kernels.backends.cuda import CudaBackend
 from cs_kernels.backends.reference import ReferenceBackend
 from cs_kernels.backends.torch_vectorized import TorchBackend
+from cs_kernels.backends.triton_backend import TritonBackend
 
 ENV_VAR = "CS_KERNELS_BACKEND"
 
@@ -24,11 +26,21 @@ class BackendUnavailableError(RuntimeError):
 
 
 BACKENDS: dict[str, Backend] = {
-    backend.name: backend for backend in (CpuBackend(), TorchBackend(), ReferenceBackend())
+    backend.name: backend
+    for backend in (
+        TritonBackend(),
+        CudaBackend(),
+        CpuBackend(),
+        TorchBackend(),
+        ReferenceBackend(),
+    )
 }
 
 # Fastest first, per device type; `torch` runs everywhere.
-AUTO_ORDER: dict[str, tuple[str, ...]] = {"cpu": ("cpu", "torch")}
+AUTO_ORDER: dict[str, tuple[str, ...]] = {
+    "cuda": ("triton", "cuda", "torch"),
+    "cpu": ("cpu", "torch"),
+}
 AUTO_FALLBACK: tuple[str, ...] = ("torch",)
 
 

@@ -5,6 +5,7 @@ backend receives well-formed tensors on a device it supports and only computes.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -28,6 +29,29 @@ class Backend(ABC):
     @abstractmethod
     def row_sqnorm(self, weight: Tensor) -> Tensor:
         """``weight: [C, D]`` -> ``[C]`` squared row norms, fp32 (fp64 for fp64 input)."""
+
+    def plan_row_sqnorm(self, weights: Sequence[Tensor], plan: Phase2Plan) -> Tensor:
+        """Squared row norms of every layer's shared weight, layers in plan order.
+
+        ``weights[i]: [C_i, D_i]`` (contiguous, one dtype) -> ``[total_channels]``, fp32
+        (fp64 for fp64 weights). The default calls `row_sqnorm` per layer; fused backends
+        override it with one launch.
+        """
+        if not weights:
+            return torch.empty(0, dtype=torch.float32)
+        return torch.cat([self.row_sqnorm(w) for w in weights])
+
+    def weights_top_priority(
+        self, weights: Sequence[Tensor], scales: Tensor, plan: Phase2Plan
+    ) -> Tensor:
+        """Top-priority task per channel from the shared weights and per-task factors.
+
+        ``weights[i]: [C_i, D_i]``, ``scales: [T, total_channels]`` (accumulation dtype)
+        -> int64 ``[total_channels]``; strength ``S[t, c] = ||W[c]||^2 * scales[t, c]``,
+        normalised per layer. Fused backends may override the composition.
+        """
+        norms = self.plan_row_sqnorm(weights, plan)
+        return self.top_priority(norms[None, :] * scales.to(norms.dtype), plan)
 
     @abstractmethod
     def top_priority(self, strength: Tensor, plan: Phase2Plan) -> Tensor:
