@@ -7,6 +7,7 @@ Public API (autograd-free):
     batchnorm_scale, channel_strength, top_priority, plan_top_priority  -- strength
     project_layer, phase2, phase2_from_weights, Phase2Plan              -- Phase 2
     available_backends, backend_status                                  -- dispatch
+    ConnectionStrength, connect, discover_connections, PriorityTelemetry -- training
 """
 
 from cs_kernels.backends import (
@@ -23,16 +24,26 @@ from cs_kernels.strength import (
     plan_top_priority,
     top_priority,
 )
+from cs_kernels.training import (
+    ConnectionStrength,
+    PriorityTelemetry,
+    connect,
+    discover_connections,
+)
 
 __all__ = [
     "BackendUnavailableError",
     "ConnectionLayer",
+    "ConnectionStrength",
     "Phase2Plan",
+    "PriorityTelemetry",
     "available_backends",
     "backend_names",
     "backend_status",
     "batchnorm_scale",
     "channel_strength",
+    "connect",
+    "discover_connections",
     "phase2",
     "phase2_from_weights",
     "plan_top_priority",

@@ -314,6 +314,20 @@ def _check_weights(weights: object, plan: Phase2Plan, grads: Tensor) -> list[Ten
     return rows
 
 
+def _check_top_out(
+    top_out: object, grads: Tensor, plan: Phase2Plan, out: Tensor | None, scales: Tensor
+) -> None:
+    t = require_tensor(top_out, "top_out")
+    if t.dtype != torch.int64:
+        raise TypeError(f"top_out must be int64, got {t.dtype}")
+    require_same_device(t, "top_out", grads, "grads")
+    if t.dim() != 1 or t.shape[0] != plan.total_channels:
+        raise ValueError(f"top_out must have shape [{plan.total_channels}], got {tuple(t.shape)}")
+    for name, other in (("grads", grads), ("out", out), ("scales", scales)):
+        if other is not None and storage_overlaps(t, other):
+            raise ValueError(f"top_out must not share memory with {name}")
+
+
 @overload
 def phase2_from_weights(
     grads: Tensor,
@@ -328,6 +342,7 @@ def phase2_from_weights(
     backend: str = ...,
     check: bool = ...,
     check_finite: bool = ...,
+    top_out: Tensor | None = ...,
 ) -> Tensor: ...
 @overload
 def phase2_from_weights(
@@ -343,6 +358,7 @@ def phase2_from_weights(
     backend: str = ...,
     check: bool = ...,
     check_finite: bool = ...,
+    top_out: Tensor | None = ...,
 ) -> tuple[Tensor, Tensor]: ...
 def phase2_from_weights(
     grads: Tensor,
@@ -357,6 +373,7 @@ def phase2_from_weights(
     backend: str = "auto",
     check: bool = True,
     check_finite: bool = False,
+    top_out: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Strength, priority and Phase 2 together, starting from the live shared weights.
 
@@ -369,6 +386,8 @@ def phase2_from_weights(
             each layer, concatenated along channels).
         mode, uniform, out, per_task, backend, check_finite: as in `phase2`.
         check: validate ``scales`` (finite, >= 0): syncs on accelerators.
+        top_out: optional int64 ``[plan.total_channels]`` buffer that receives the
+            top-priority task of every channel (for telemetry); written in place.
 
     Returns:
         As `phase2`: ``[N]``, plus ``[T, N]`` when ``per_task``.
@@ -389,10 +408,14 @@ def phase2_from_weights(
         require_finite_nonnegative(s, "scales")
     if out is not None and storage_overlaps(out, s):
         raise ValueError("out must not share memory with scales")
+    if top_out is not None:
+        _check_top_out(top_out, g, plan, out, s)
     engine = resolve_backend(backend, g.device)
     acc = accumulation_dtype(rows[0].dtype) if rows else torch.float32
     with torch.no_grad():
         top = engine.weights_top_priority(rows, s.detach().to(acc).contiguous(), plan)
+        if top_out is not None:
+            top_out.copy_(top)
     return phase2(  # type: ignore[call-overload,no-any-return]
         g,
         plan,

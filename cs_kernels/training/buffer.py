@@ -1,0 +1,125 @@
+"""The stacked gradient buffer ``[T, N]`` whose rows the shared parameters' ``.grad`` view.
+
+Zero-copy collection: before task ``t``'s backward, every shared parameter's ``.grad`` is set
+to its segment of row ``t`` (``grads[t, off:off + n].view_as(p)``). Autograd accumulates into
+an existing ``.grad`` in place (``AccumulateGrad`` adds into it when the backward runs
+without ``create_graph``), so each task's gradient lands in its row with no clone, stack or
+copy. After Phase 2 the ``.grad`` tensors are views into the ``[N]`` result instead, ready for
+``optimizer.step()``.
+
+Everything lives in one flat storage so that a distributed run reduces it with a single
+all-reduce: ``[T * N | extra gradients | packed model buffers]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+
+import torch
+from torch import Tensor, nn
+
+
+class GradientBuffer:
+    """One flat storage for the per-task gradients of ``params`` (and optional extras).
+
+    Args:
+        params: the shared parameters, in buffer order (one dtype, one device).
+        num_tasks: ``T``, the number of rows.
+        extra: parameters whose ``.grad`` also lives in the storage, after the rows, summed
+            over tasks (task-specific parameters, for the distributed all-reduce).
+        sync_numel: room for packed model buffers at the end of the storage.
+
+    Attributes:
+        grads: ``[T, N]`` rows of per-task gradients (a view of ``storage``).
+        out: ``[N]`` combined gradient (separate memory: Phase 2 may not write its input).
+        tail: ``[M]`` gradients of ``extra``; sync: ``[sync_numel]``.
+        offsets: each parameter's first element in a row.
+    """
+
+    def __init__(
+        self,
+        params: Sequence[nn.Parameter],
+        num_tasks: int,
+        *,
+        extra: Sequence[nn.Parameter] = (),
+        sync_numel: int = 0,
+    ) -> None:
+        if not params:
+            raise ValueError("params must hold at least one shared parameter")
+        first = params[0]
+        for p in (*params, *extra):
+            if p.dtype != first.dtype or p.device != first.device:
+                raise TypeError(
+                    "every shared parameter must have one dtype and device for the stacked "
+                    f"buffer: found {p.dtype} on {p.device} beside {first.dtype} on {first.device}"
+                )
+        self.params = tuple(params)
+        self.extra = tuple(extra)
+        self.num_tasks = num_tasks
+        offsets, n = [], 0
+        for p in self.params:
+            offsets.append(n)
+            n += p.numel()
+        self.offsets: tuple[int, ...] = tuple(offsets)
+        self.numel = n
+        extra_numel = sum(p.numel() for p in self.extra)
+        dtype, device = first.dtype, first.device
+        self.storage = torch.zeros(
+            num_tasks * n + extra_numel + sync_numel, dtype=dtype, device=device
+        )
+        self.grads = self.storage[: num_tasks * n].view(num_tasks, n)
+        self.tail = self.storage[num_tasks * n : num_tasks * n + extra_numel]
+        self.sync = self.storage[num_tasks * n + extra_numel :]
+        self.out = torch.zeros(n, dtype=dtype, device=device)
+        # Views are built once: attaching a row is then only attribute assignments.
+        self._rows = [self._views(self.grads[t]) for t in range(num_tasks)]
+        self._out_views = self._views(self.out)
+        self._extra_views = _split(self.tail, self.extra)
+
+    def _views(self, row: Tensor) -> list[Tensor]:
+        return [
+            row[o : o + p.numel()].view_as(p)
+            for o, p in zip(self.offsets, self.params, strict=True)
+        ]
+
+    def offset_of(self, param: Tensor) -> int:
+        """First element of ``param`` within a row."""
+        for o, p in zip(self.offsets, self.params, strict=True):
+            if p is param:
+                return o
+        raise KeyError("not a buffered parameter")
+
+    def zero_(self) -> None:
+        """Zero every row, the extra gradients and the sync area (one kernel)."""
+        self.storage.zero_()
+
+    def attach_row(self, task: int, only: Collection[int] | None = None) -> None:
+        """Point each parameter's ``.grad`` at row ``task`` (those in ``only`` ids, if given)."""
+        for p, view in zip(self.params, self._rows[task], strict=True):
+            if only is None or id(p) in only:
+                p.grad = view
+
+    def attach_out(self) -> None:
+        """Point each parameter's ``.grad`` at its segment of ``out``."""
+        for p, view in zip(self.params, self._out_views, strict=True):
+            p.grad = view
+
+    def attach_extra(self) -> None:
+        for p, view in zip(self.extra, self._extra_views, strict=True):
+            p.grad = view
+
+    def detached_from_row(self, task: int, only: Collection[int] | None = None) -> list[int]:
+        """Indices of parameters whose ``.grad`` is no longer row ``task``'s view."""
+        return [
+            i
+            for i, (p, view) in enumerate(zip(self.params, self._rows[task], strict=True))
+            if (only is None or id(p) in only) and p.grad is not view
+        ]
+
+
+def _split(flat: Tensor, params: Sequence[Tensor]) -> list[Tensor]:
+    views, o = [], 0
+    for p in params:
+        views.append(flat[o : o + p.numel()].view_as(p))
+        o += p.numel()
+    return views

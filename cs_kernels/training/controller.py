@@ -1,0 +1,386 @@
+"""`ConnectionStrength`: connection strength-based multi-task training in a few calls.
+
+    cs = ConnectionStrength(model, ["seg", "depth"], sample_batch)
+    for epoch in range(num_epochs):
+        for batch in loader:
+            cs.step(optimizer, lambda task: loss_of(model(batch.x, task=task), batch, task),
+                    epoch, num_epochs)
+
+Phase 1 (learn task priority) takes one optimizer step per task; Phase 2 (conserve task
+priority) back-propagates every task into its row of the zero-copy ``[T, N]`` buffer, reads
+the strengths from the live shared weights and task-specific connections, and leaves the
+combined gradient in ``.grad`` (ALGORITHM.md). The phase of each batch is drawn from the
+controller's own seeded generator, saved by `state_dict`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, cast
+
+import torch
+from torch import Tensor, nn
+
+from cs_kernels._validation import MODES, UNIFORM_RULES, require_choice, require_int
+from cs_kernels.backends import backend_names
+from cs_kernels.plan import Phase2Plan
+from cs_kernels.projection import Mode, UniformRule, phase2_from_weights
+from cs_kernels.strength import channel_strength, plan_top_priority
+from cs_kernels.training.buffer import GradientBuffer
+from cs_kernels.training.discovery import (
+    Connection,
+    Registration,
+    format_summary,
+    resolve_registration,
+    trace_model,
+)
+from cs_kernels.training.discovery import discover as discover_model
+from cs_kernels.training.distributed import Synchronizer, model_buffers, unwrap
+from cs_kernels.training.factors import FactorTable
+from cs_kernels.training.telemetry import PriorityTelemetry
+
+LossFn = Callable[[str], Tensor]
+
+
+def _check_tasks(tasks: object) -> tuple[str, ...]:
+    if isinstance(tasks, (str, bytes)) or not isinstance(tasks, Sequence):
+        raise TypeError("tasks must be a sequence of task names (str)")
+    names = tuple(tasks)
+    for t in names:
+        if not isinstance(t, str):
+            raise TypeError(f"tasks must be str names, got {type(t).__name__}")
+    if len(names) < 2:
+        raise ValueError(f"tasks needs at least two tasks, got {list(names)}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"tasks must be distinct, got {list(names)}")
+    return names
+
+
+class ConnectionStrength:
+    """Connection strength-based optimization of a multi-task model.
+
+    Args:
+        model: an ``nn.Module`` (or ``DistributedDataParallel``) whose forward is called as
+            ``model(*inputs, task=name)``.
+        tasks: the task names; their order is the row order of the ``[T, N]`` buffer.
+        sample_input: one batch (a tensor or a tuple of positional arguments) used to trace
+            the connections once; the model's buffers and RNG state are left untouched.
+        mode: ``"group"`` (the paper) or ``"channel"``; see `cs_kernels.phase2`.
+        uniform: ``"sum"`` (the authors' code) or ``"project"``; see `cs_kernels.phase2`.
+        backend: ``"auto"`` or a name from `cs_kernels.available_backends`.
+        seed: seed of the generator that draws the phase of each batch.
+        connections: `connect` registrations; they replace discovered connections of the
+            same weight.
+        discover: also discover connections from the model's structure (default True).
+
+    Attributes:
+        connections: the connection layers, in buffer order.
+        plan: the `Phase2Plan` of the shared parameters.
+        buffer: the `GradientBuffer` (``buffer.grads`` is ``[T, N]``).
+        telemetry: the `PriorityTelemetry` recorded at every Phase 2 step.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tasks: Sequence[str],
+        sample_input: Tensor | tuple[Any, ...],
+        *,
+        mode: Mode = "group",
+        uniform: UniformRule = "sum",
+        backend: str = "auto",
+        seed: int = 0,
+        connections: Sequence[Registration] | None = None,
+        discover: bool = True,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        self.tasks = _check_tasks(tasks)
+        self.mode = cast(Mode, require_choice(mode, "mode", MODES))
+        self.uniform = cast(UniformRule, require_choice(uniform, "uniform", UNIFORM_RULES))
+        self.backend = require_choice(backend, "backend", backend_names())
+        self.seed = require_int(seed, "seed", 0)
+        if not isinstance(discover, bool):
+            raise TypeError(f"discover must be a bool, got {type(discover).__name__}")
+        registrations = list(connections) if connections is not None else []
+        for i, reg in enumerate(registrations):
+            if not isinstance(reg, Registration):
+                raise TypeError(
+                    f"connections[{i}] must come from connect(), got {type(reg).__name__}"
+                )
+        self.model = model
+        inner, ddp = unwrap(model)
+        self.module = inner
+
+        watch = [s for r in registrations for s in r.scales.values() if isinstance(s, nn.Module)]
+        trace = trace_model(inner, self.tasks, sample_input, watch=watch)
+        shared = trace.shared_params()
+        if not shared:
+            raise ValueError(
+                "the model has no parameter shared by two or more tasks in the sample "
+                f"forward (tasks {list(self.tasks)}): nothing for Phase 2 to combine"
+            )
+        shared_ids = {id(p) for _, p in shared}
+        found = discover_model(inner, self.tasks, sample_input, trace=trace) if discover else None
+        self.skipped = found.skipped if found is not None else ()
+        chosen: dict[int, Connection] = {
+            id(c.weight): c for c in (found.connections if found else ())
+        }
+        seen: set[int] = set()
+        for i, reg in enumerate(registrations):
+            if id(reg.weight) in seen:
+                raise ValueError(
+                    f"connections[{i}]: the weight {trace.params.get(id(reg.weight), ('?',))[0]}"
+                    " is registered twice"
+                )
+            seen.add(id(reg.weight))
+            chosen[id(reg.weight)] = resolve_registration(reg, trace, i, shared_ids)
+        if not chosen:
+            raise ValueError(
+                "no task-specific connections found: discovery looks for shared Conv/Linear "
+                "layers feeding per-task BatchNorm/LayerNorm/GroupNorm modules (e.g. "
+                "nn.ModuleDict keyed by task) or per-task Linear heads"
+                + (f"; left out: {dict(self.skipped)}" if self.skipped else "")
+                + ". Declare connections with cs_kernels.training.connect()."
+            )
+
+        params = [p for _, p in shared]
+        self.task_parameters = [p for _, p in trace.task_specific_params()]
+        self.shared_parameters = params
+        dtype = params[0].dtype
+        self._sync = Synchronizer(ddp, model_buffers(inner, dtype))
+        self.buffer = GradientBuffer(
+            params,
+            len(self.tasks),
+            extra=self.task_parameters if self._sync.active else (),
+            sync_numel=self._sync.sync_numel,
+        )
+        order = {id(p): i for i, p in enumerate(params)}
+        self.connections: tuple[Connection, ...] = tuple(
+            sorted(chosen.values(), key=lambda c: order[id(c.weight)])
+        )
+        self.plan = Phase2Plan(
+            [
+                (self.buffer.offset_of(c.weight), c.channels, c.weight.numel() // c.channels)
+                for c in self.connections
+            ],
+            self.buffer.numel,
+        )
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        self._factors = FactorTable(self.connections, self.tasks, params[0].device, acc)
+        self._bounds = [
+            (first, first + c.channels)
+            for first, c in zip(self.plan.first_channels, self.connections, strict=True)
+        ]
+        self.telemetry = PriorityTelemetry(
+            [c.name for c in self.connections], [c.channels for c in self.connections], self.tasks
+        )
+        self._reach = {t: frozenset(tr.reached) for t, tr in trace.per_task.items()}
+        self._all_params = [p for _, p in trace.params.values()]
+        self._phase1_buffer: GradientBuffer | None = None
+        self._generator = torch.Generator().manual_seed(self.seed)
+        self.epoch = 0
+        self.phase1_steps = 0
+        self.phase2_steps = 0
+        self.last_phase: int | None = None
+
+    # ---------------------------------------------------------------- inspection
+
+    def summary(self) -> str:
+        """Table of the connection layers: layer, channels, kind, tasks and their modules."""
+        return format_summary(
+            self.connections,
+            self.tasks,
+            self.skipped,
+            shared_numel=self.buffer.numel,
+            shared_count=len(self.shared_parameters),
+        )
+
+    def scales(self) -> Tensor:
+        """``[T, total_channels]`` per-task factors from the live task-specific modules."""
+        return self._factors.compute()
+
+    def strengths(self) -> Tensor:
+        """``[T, total_channels]`` raw connection strengths ``||W[c]||^2 * f_t[c]``."""
+        scales = self._factors.compute()
+        return torch.cat(
+            [
+                channel_strength(c.weight, scales[:, a:b], backend=self.backend)
+                for c, (a, b) in zip(self.connections, self._bounds, strict=True)
+            ],
+            dim=1,
+        )
+
+    def top_priority(self) -> Tensor:
+        """int64 ``[total_channels]``: the top-priority task of every connection channel."""
+        return plan_top_priority(self.strengths(), self.plan, backend=self.backend, check=False)
+
+    # ---------------------------------------------------------------- the phases
+
+    def phase(self, epoch: int, num_epochs: int) -> int:
+        """Draw this batch's phase: ``P ~ U(0, 1)``; Phase 1 if ``P >= epoch / num_epochs``.
+
+        Epoch 0 is always Phase 1. The draw comes from the controller's own generator.
+        """
+        num_epochs = require_int(num_epochs, "num_epochs", 1)
+        epoch = require_int(epoch, "epoch", 0)
+        if epoch >= num_epochs:
+            raise ValueError(f"epoch must be < num_epochs={num_epochs}, got {epoch}")
+        p = float(torch.rand((), generator=self._generator))
+        self.epoch = epoch
+        self.last_phase = 1 if p >= epoch / num_epochs else 2
+        return self.last_phase
+
+    def phase1_step(self, optimizer: torch.optim.Optimizer, loss_fn: LossFn) -> dict[str, Tensor]:
+        """Phase 1: for each task in order, zero the gradients, back-propagate its loss alone
+        and take an optimizer step. Returns ``{task: detached loss}``."""
+        losses: dict[str, Tensor] = {}
+        for task in self.tasks:
+            optimizer.zero_grad()
+            if self._sync.active:
+                buf = self._phase1_grads()
+                buf.zero_()
+                buf.attach_row(0, only=self._reach[task])
+                with self._sync.no_sync():
+                    loss = self._loss(loss_fn, task)
+                    loss.backward()  # type: ignore[no-untyped-call]
+                self._sync.all_reduce(buf.storage, buf.sync)
+            else:
+                loss = self._loss(loss_fn, task)
+                loss.backward()  # type: ignore[no-untyped-call]
+            optimizer.step()
+            losses[task] = loss.detach()
+        self.phase1_steps += 1
+        return losses
+
+    def phase2_backward(self, loss_fn: LossFn, *, epoch: int | None = None) -> dict[str, Tensor]:
+        """Phase 2 up to the optimizer step: the combined gradient is left in ``.grad``.
+
+        Zeroes the model's gradients, back-propagates each task into its row of the
+        ``[T, N]`` buffer (zero-copy ``.grad`` views), computes the top-priority tasks from
+        the live weights and task-specific factors, runs `cs_kernels.phase2` into the
+        ``[N]`` result that the shared ``.grad`` tensors then view, and records the
+        telemetry under ``epoch`` (default: the last `phase` epoch). Task-specific
+        parameters get their gradients as usual. Returns ``{task: detached loss}``.
+        """
+        losses = self.collect(loss_fn)
+        top = self.combine()
+        self.telemetry.record(top, self.epoch if epoch is None else epoch)
+        self.phase2_steps += 1
+        return losses
+
+    def collect(self, loss_fn: LossFn) -> dict[str, Tensor]:
+        """Back-propagate every task into its row of ``buffer.grads`` (no per-task copies).
+
+        Under DDP the rows, task-specific gradients and model buffers are then averaged
+        across ranks with one all-reduce.
+        """
+        for p in self._all_params:
+            p.grad = None
+        buf = self.buffer
+        buf.zero_()
+        if self._sync.active:
+            buf.attach_extra()
+        losses: dict[str, Tensor] = {}
+        with self._sync.no_sync():
+            for t, task in enumerate(self.tasks):
+                buf.attach_row(t)
+                loss = self._loss(loss_fn, task)
+                loss.backward()  # type: ignore[no-untyped-call]
+                moved = buf.detached_from_row(t)
+                if moved:
+                    raise RuntimeError(
+                        f"during task {task!r}'s backward the .grad of {len(moved)} shared "
+                        "parameter(s) stopped viewing the gradient buffer: loss_fn must not "
+                        "zero or replace gradients, and backward must not use create_graph"
+                    )
+                losses[task] = loss.detach()
+        self._sync.all_reduce(buf.storage, buf.sync)
+        return losses
+
+    def combine(self) -> Tensor:
+        """Phase 2 on the collected rows; points the shared ``.grad`` at the ``[N]`` result.
+
+        Returns the int64 ``[total_channels]`` top-priority tasks it used.
+        """
+        top = torch.empty(
+            self.plan.total_channels, dtype=torch.int64, device=self.buffer.out.device
+        )
+        with torch.no_grad():  # strength, priority and projection: one fused call
+            phase2_from_weights(
+                self.buffer.grads,
+                self.plan,
+                [c.weight for c in self.connections],
+                self._factors.compute(),
+                mode=self.mode,
+                uniform=self.uniform,
+                out=self.buffer.out,
+                backend=self.backend,
+                check=False,
+                top_out=top,
+            )
+        self.buffer.attach_out()
+        return top
+
+    def step(
+        self, optimizer: torch.optim.Optimizer, loss_fn: LossFn, epoch: int, num_epochs: int
+    ) -> dict[str, Tensor]:
+        """One batch: draw the phase, then `phase1_step`, or `phase2_backward` and
+        ``optimizer.step()``. Returns ``{task: detached loss}``."""
+        if self.phase(epoch, num_epochs) == 1:
+            return self.phase1_step(optimizer, loss_fn)
+        losses = self.phase2_backward(loss_fn)
+        optimizer.step()
+        return losses
+
+    # ---------------------------------------------------------------- state
+
+    def state_dict(self) -> dict[str, Any]:
+        """The phase generator's state, the step counters and the telemetry."""
+        return {
+            "tasks": list(self.tasks),
+            "seed": self.seed,
+            "generator": self._generator.get_state(),
+            "epoch": self.epoch,
+            "phase1_steps": self.phase1_steps,
+            "phase2_steps": self.phase2_steps,
+            "last_phase": self.last_phase,
+            "telemetry": self.telemetry.state_dict(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore `state_dict`: a resumed run then draws the same phases."""
+        if not isinstance(state, Mapping):
+            raise TypeError(f"state must be a mapping, got {type(state).__name__}")
+        if list(state["tasks"]) != list(self.tasks):
+            raise ValueError(f"state is for tasks {state['tasks']}, not {list(self.tasks)}")
+        self.telemetry.load_state_dict(state["telemetry"])
+        self._generator.set_state(state["generator"])
+        self.seed = int(state["seed"])
+        self.epoch = int(state["epoch"])
+        self.phase1_steps = int(state["phase1_steps"])
+        self.phase2_steps = int(state["phase2_steps"])
+        self.last_phase = state["last_phase"]
+
+    # ---------------------------------------------------------------- helpers
+
+    def _loss(self, loss_fn: LossFn, task: str) -> Tensor:
+        loss = loss_fn(task)
+        if not isinstance(loss, Tensor):
+            raise TypeError(f"loss_fn({task!r}) must return a Tensor, got {type(loss).__name__}")
+        if loss.numel() != 1:
+            raise ValueError(f"loss_fn({task!r}) must return a scalar, got {tuple(loss.shape)}")
+        if not loss.requires_grad:
+            raise ValueError(
+                f"loss_fn({task!r}) returned a loss that does not require grad "
+                "(it reaches no trainable parameter)"
+            )
+        return loss
+
+    def _phase1_grads(self) -> GradientBuffer:
+        """Flat storage for every parameter's gradient in distributed Phase 1."""
+        if self._phase1_buffer is None:
+            self._phase1_buffer = GradientBuffer(
+                self._all_params, 1, sync_numel=self._sync.sync_numel
+            )
+        return self._phase1_buffer
