@@ -4,11 +4,11 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 READY  := $(VENV)/.cs_kernels_ready
 
-.PHONY: setup build test test-fast lint demo bench clean
+.PHONY: setup build test test-fast lint cuda-check demo bench clean
 
 setup: $(READY)
 
-$(READY): tools/bootstrap.py requirements-dev.txt setup.py pyproject.toml $(wildcard csrc/*)
+$(READY): tools/bootstrap.py requirements-dev.txt setup.py pyproject.toml $(wildcard csrc/*) $(wildcard csrc/cuda/*)
 	$(PYTHON) tools/bootstrap.py --venv $(VENV)
 	@touch $(READY)
 
@@ -21,7 +21,12 @@ lint: $(READY)
 
 test: $(READY)
 	$(PY) tools/static_checks.py
+	$(PY) tools/check_cuda_compile.py
 	CS_KERNELS_REQUIRE_CPU=1 $(PY) -m pytest -q tests
+
+# Compile-only check of the CUDA kernels (sm_80, sm_90); skipped with a message without nvcc.
+cuda-check: $(READY)
+	$(PY) tools/check_cuda_compile.py
 
 test-fast: $(READY)
 	$(PY) -m pytest -q -x tests

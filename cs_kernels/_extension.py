@@ -1,6 +1,7 @@
-"""Loading the compiled extension ``cs_kernels._C`` (the ``cpu`` backend's kernels).
+"""Loading the compiled extension ``cs_kernels._C`` (the ``cpu`` and ``cuda`` backends' kernels).
 
-The package imports without it; `load_error()` then says what failed and how to build it.
+The package imports without it; `load_error()` then says what failed and how to build it, and
+`cuda_error()` why the CUDA kernels cannot run (not built, no device).
 """
 
 from __future__ import annotations
@@ -23,6 +24,13 @@ def _row_sqnorm_fake(weight: torch.Tensor) -> torch.Tensor:
     return weight.new_empty((weight.shape[0],), dtype=dtype)
 
 
+def _plan_row_sqnorm_fake(weights: list[torch.Tensor]) -> torch.Tensor:
+    if not weights:
+        raise ValueError("weights must hold at least one tensor")
+    dtype = torch.float64 if weights[0].dtype == torch.float64 else torch.float32
+    return weights[0].new_empty((sum(int(w.shape[0]) for w in weights),), dtype=dtype)
+
+
 def _top_priority_fake(strength: torch.Tensor, layers: torch.Tensor) -> torch.Tensor:
     return strength.new_empty((strength.shape[1],), dtype=torch.int64)
 
@@ -34,6 +42,8 @@ def _phase2_fake(*args: object) -> None:
 def _register_fakes() -> None:
     """Shape-only implementations so torch.compile can trace through the compiled ops."""
     torch.library.register_fake("cs_kernels::row_sqnorm", _row_sqnorm_fake)
+    if hasattr(torch.ops.cs_kernels, "plan_row_sqnorm"):  # absent from builds before it
+        torch.library.register_fake("cs_kernels::plan_row_sqnorm", _plan_row_sqnorm_fake)
     torch.library.register_fake("cs_kernels::top_priority", _top_priority_fake)
     torch.library.register_fake("cs_kernels::phase2_", _phase2_fake)
 
@@ -57,3 +67,43 @@ def load_error() -> str | None:
     """``None`` when the extension is loaded, otherwise why it is not."""
     load()
     return _error
+
+
+CUDA_BUILD_HINT = (
+    "rebuild with a CUDA-enabled torch and the CUDA toolkit (`make build`; "
+    "CS_KERNELS_CUDA=1 turns a skipped CUDA build into an error)"
+)
+
+_cuda_error: str | None = None
+_cuda_checked = False
+
+
+def cuda_kernels_built() -> bool:
+    """True when the loaded extension registered its ops for CUDA tensors."""
+    if not load():
+        return False
+    return bool(torch._C._dispatch_has_kernel_for_dispatch_key("cs_kernels::phase2_", "CUDA"))
+
+
+def cuda_error() -> str | None:
+    """``None`` when the CUDA kernels can run here, otherwise why not (checked once)."""
+    global _cuda_error, _cuda_checked
+    if not _cuda_checked:
+        _cuda_error = _find_cuda_error()
+        _cuda_checked = True
+    return _cuda_error
+
+
+def _find_cuda_error() -> str | None:
+    error = load_error()
+    if error is not None:
+        return error
+    if not cuda_kernels_built():
+        if torch.version.cuda is None:
+            why = f"torch {torch.__version__} has no CUDA"
+        else:
+            why = "no CUDA toolkit at build time, or CS_KERNELS_CUDA=0"
+        return f"cs_kernels._C was built without CUDA kernels ({why}); {CUDA_BUILD_HINT}"
+    if not torch.cuda.is_available():
+        return "no CUDA device is available (torch.cuda.is_available() is False)"
+    return None

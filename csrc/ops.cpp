@@ -6,6 +6,9 @@
 TORCH_LIBRARY(cs_kernels, m) {
   // weight [C, D] -> [C] squared row norms (fp32 accumulation, fp64 for fp64).
   m.def("row_sqnorm(Tensor weight) -> Tensor");
+  // weights: [C_i, D_i] (one dtype, one device) -> [sum_i C_i] squared row norms, layers
+  // back to back (one launch on CUDA).
+  m.def("plan_row_sqnorm(Tensor[] weights) -> Tensor");
   // strength [T, C] (fp32/fp64), layers int64 [L, 4] -> int64 [C] top task per channel.
   m.def("top_priority(Tensor strength, Tensor layers) -> Tensor");
   // grads [T, N], layers int64 [L, 4], gaps int64 [G, 2], top int64 [C];

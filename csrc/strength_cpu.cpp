@@ -81,6 +81,30 @@ at::Tensor row_sqnorm_cpu(const at::Tensor& weight) {
   return out;
 }
 
+at::Tensor plan_row_sqnorm_cpu(at::TensorList weights) {
+  TORCH_CHECK(!weights.empty(), "weights must hold at least one tensor");
+  const at::Tensor& head = weights[0];
+  int64_t rows = 0;
+  for (size_t i = 0; i < weights.size(); ++i) {
+    const at::Tensor& w = weights[i];
+    TORCH_CHECK(w.scalar_type() == head.scalar_type() && w.device() == head.device(), "weights[",
+                i, "] must have the dtype and device of weights[0]");
+    TORCH_CHECK(w.dim() == 2 && w.is_contiguous(), "weights[", i, "] must be contiguous [C, D]");
+    rows += w.size(0);
+  }
+  const auto acc_dtype = head.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor out = at::empty({rows}, head.options().dtype(acc_dtype));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, head.scalar_type(), "plan_row_sqnorm", [&] {
+    using acc_t = typename Acc<scalar_t>::type;
+    acc_t* dst = out.data_ptr<acc_t>();
+    for (const at::Tensor& w : weights) {
+      row_sqnorm_kernel<scalar_t>(w.data_ptr<scalar_t>(), w.size(0), w.size(1), dst);
+      dst += w.size(0);
+    }
+  });
+  return out;
+}
+
 at::Tensor top_priority_cpu(const at::Tensor& strength, const at::Tensor& layers) {
   TORCH_CHECK(strength.dim() == 2 && strength.is_contiguous(), "strength must be contiguous [T, C]");
   TORCH_CHECK(strength.scalar_type() == at::kFloat || strength.scalar_type() == at::kDouble,
@@ -104,6 +128,7 @@ at::Tensor top_priority_cpu(const at::Tensor& strength, const at::Tensor& layers
 
 TORCH_LIBRARY_IMPL(cs_kernels, CPU, m) {
   m.impl("row_sqnorm", &row_sqnorm_cpu);
+  m.impl("plan_row_sqnorm", &plan_row_sqnorm_cpu);
   m.impl("top_priority", &top_priority_cpu);
 }
 

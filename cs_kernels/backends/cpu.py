@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
@@ -21,6 +23,12 @@ class CpuBackend(Backend):
 
     def row_sqnorm(self, weight: Tensor) -> Tensor:
         result: Tensor = torch.ops.cs_kernels.row_sqnorm(weight.contiguous())
+        return result
+
+    def plan_row_sqnorm(self, weights: Sequence[Tensor], plan: Phase2Plan) -> Tensor:
+        if not weights:
+            return super().plan_row_sqnorm(weights, plan)
+        result: Tensor = torch.ops.cs_kernels.plan_row_sqnorm([w.contiguous() for w in weights])
         return result
 
     def top_priority(self, strength: Tensor, plan: Phase2Plan) -> Tensor:

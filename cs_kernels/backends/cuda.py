@@ -1,10 +1,19 @@
-"""The ``cuda`` backend (work in progress: issue 4). Not yet available."""
+"""The ``cuda`` backend: the CUDA kernels of ``csrc/cuda/``, called as ``torch.ops``.
+
+Phase 2 is three launches (setup, main pass, projection pass) whatever the number of layers,
+with no host synchronisation: the plan's tables live in device memory. Reductions are
+two-stage with a fixed order, so results are deterministic. Values that only a host sync could
+check (task indices in ``top``) are validated by the public API (``check=True``).
+"""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
+from cs_kernels import _extension
 from cs_kernels.backends.base import Backend
 from cs_kernels.plan import Phase2Plan
 
@@ -13,16 +22,27 @@ class CudaBackend(Backend):
     name = "cuda"
 
     def unavailable_reason(self) -> str | None:
-        return "not implemented yet"
+        return _extension.cuda_error()
 
     def supports(self, device: torch.device) -> bool:
         return device.type == "cuda"
 
     def row_sqnorm(self, weight: Tensor) -> Tensor:
-        raise NotImplementedError
+        result: Tensor = torch.ops.cs_kernels.row_sqnorm(weight.contiguous())
+        return result
+
+    def plan_row_sqnorm(self, weights: Sequence[Tensor], plan: Phase2Plan) -> Tensor:
+        """All layers' squared row norms in one launch (up to 64 layers per launch)."""
+        if not weights:
+            return super().plan_row_sqnorm(weights, plan)
+        result: Tensor = torch.ops.cs_kernels.plan_row_sqnorm([w.contiguous() for w in weights])
+        return result
 
     def top_priority(self, strength: Tensor, plan: Phase2Plan) -> Tensor:
-        raise NotImplementedError
+        result: Tensor = torch.ops.cs_kernels.top_priority(
+            strength.contiguous(), plan.layer_table(strength.device)
+        )
+        return result
 
     def phase2(
         self,
@@ -35,4 +55,13 @@ class CudaBackend(Backend):
         out: Tensor,
         projected: Tensor | None,
     ) -> None:
-        raise NotImplementedError
+        torch.ops.cs_kernels.phase2_(
+            grads,
+            plan.layer_table(grads.device),
+            plan.gap_table(grads.device),
+            top.contiguous(),
+            group,
+            project_uniform,
+            out,
+            projected,
+        )
