@@ -1,17 +1,26 @@
-"""Phase 2 timing table: every backend against the floor and the authors'-style loop.
+"""Phase 2 timing table: every backend against the floor, the authors'-style loop and
+``torch.compile`` of the ``torch`` backend.
 
-For each backbone plan (`cs_kernels.model_shapes`) and task count ``T`` this script builds
+For each workload (a backbone plan and a task count ``T``) and dtype, this script builds
 random per-task gradients ``grads: [T, N]`` and random connection strengths, computes the
 top-priority tasks once, and times, in the same run on the same device:
 
 * the floor, ``torch.sum(grads, 0, out=out)`` (ALGORITHM.md, "Cost floor");
 * ``cs_kernels.phase2`` for every available backend except ``reference``, in each mode;
+* ``torch.compile`` of ``cs_kernels.phase2(..., backend="torch")`` (GPU default; ``--compiled``);
 * the authors'-style loop (`cs_kernels.baseline_loop.authors_style_phase2`, group mode).
+
+Workloads: ResNet-18 (N = 11.2M), ResNet-50 (23.5M) and ResNet-50 x4 (93.8M, "about 100M")
+conv shapes. On CUDA the floor and the kernel backends (``triton``, ``cuda``) are timed as
+replays of a CUDA graph of one call (``timing = graph``: the GPU time, without Python and
+launch overhead), and ``triton`` also eagerly (``timing = eager``); the ``torch`` backend,
+the compiled one and the authors' loop are timed eagerly.
 
 Each time is the median of ``--repeats`` wall times after warming up (at least one call,
 and at least ``--warmup-seconds``). A call whose first run takes longer than
 ``--slow-seconds`` is timed only ``--slow-repeats`` times (on CPU: the ``torch`` backend
-and the authors' loop), so the default run stays within a few minutes.
+and the authors' loop), and one longer than ``--very-slow-seconds`` by that first run alone,
+so the default run stays within a few minutes.
 
 Usage (from the repository root)::
 
@@ -24,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import gc
 import json
 import os
@@ -44,7 +54,7 @@ from torch import Tensor
 
 import cs_kernels
 from cs_kernels.baseline_loop import authors_style_phase2
-from cs_kernels.model_shapes import MODELS, model_plan
+from cs_kernels.model_shapes import resnet18_conv_shapes, resnet50_conv_shapes
 from cs_kernels.plan import Phase2Plan
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -57,15 +67,26 @@ DTYPES = {
 }
 MODES = ("group", "channel")
 EXCLUDED_BACKENDS = ("reference",)  # a per-channel Python loop: far too slow at this size
+GRAPHED_BACKENDS = ("triton", "cuda")  # timed as CUDA graph replays (and triton eagerly too)
 FLOOR = "floor (torch.sum)"
 AUTHORS = "authors' loop"
+COMPILED = "torch.compile(torch)"
+MODELS = {
+    "resnet18": resnet18_conv_shapes,
+    "resnet50": resnet50_conv_shapes,
+    "resnet50x4": lambda: resnet50_conv_shapes() * 4,  # 93.8M elements: "about 100M"
+}
 QUICK = {"models": ["resnet18"], "tasks": [2], "repeats": 3, "slow_repeats": 1}
-DEFAULTS = {"models": list(MODELS), "tasks": [2, 3, 5], "repeats": 7, "slow_repeats": 3}
+DEFAULTS = {"repeats": 7, "slow_repeats": 3}
+GPU_WORKLOADS = {"models": list(MODELS), "tasks": [2, 3, 5, 10, 20]}
+GPU_DTYPES = ["float32", "bfloat16"]
+# CPU: both ResNets at T = 2, 3, 5, and one T = 20 row (the authors' loop is slow there).
+CPU_WORKLOADS = [(m, t) for m in ("resnet18", "resnet50") for t in (2, 3, 5)] + [("resnet18", 20)]
 
 
 @dataclass
 class Row:
-    """One line of the table: one timed callable on one (model, T) workload."""
+    """One line of the table: one timed callable on one (model, T, dtype) workload."""
 
     model: str
     numel: int
@@ -77,6 +98,9 @@ class Row:
     x_floor: float
     speedup_vs_authors: float | None
     times_ms: list[float] = field(default_factory=list)
+    dtype: str = ""
+    timing: str = "eager"  # "graph": replays of a captured CUDA graph
+    speedup_vs_compiled: float | None = None  # time of torch.compile(torch) / this time
 
 
 class Case(NamedTuple):
@@ -85,6 +109,7 @@ class Case(NamedTuple):
     mode: str
     backend: str
     call: Callable[[], object]
+    timing: str = "eager"  # "graph": capture the call once, time its replays
 
 
 @dataclass
@@ -161,13 +186,16 @@ def time_call(
     Warm-up repeats the call until ``args.warmup_seconds`` have passed (at least once): a
     few calls are not enough for a memory-bound kernel of a few ms to reach steady speed.
     A call whose first run takes longer than ``args.slow_seconds`` is timed only
-    ``args.slow_repeats`` times.
+    ``args.slow_repeats`` times; one longer than ``args.very_slow_seconds`` (default 5 s: the
+    authors' loop at large T on a CPU) is not repeated, its first run is the sample.
     """
     synchronize(device)
     begin = time.perf_counter()
     fn()
     synchronize(device)
     first = time.perf_counter() - begin
+    if first > getattr(args, "very_slow_seconds", 5.0):
+        return [first * 1e3]
     while time.perf_counter() - begin < args.warmup_seconds:
         fn()
         synchronize(device)
@@ -181,14 +209,41 @@ def time_call(
     return times
 
 
+def capture_graph(fn: Callable[[], object], device: torch.device) -> Callable[[], object] | None:
+    """``fn`` captured in a CUDA graph (after two warm-up calls on a side stream, which build
+    tables, autotune and compile): its ``replay``, or None when it cannot be captured."""
+    try:
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            fn()
+            fn()
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+    except RuntimeError as exc:
+        print(f"[bench] cannot capture a CUDA graph: {exc}", file=sys.stderr)
+        return None
+    return graph.replay
+
+
 # ---------------------------------------------------------------------------- workload
+
+
+@functools.cache
+def bench_plan(model: str) -> Phase2Plan:
+    """The plan of a workload (one object per model: backends cache their tables on it)."""
+    if model not in MODELS:
+        raise ValueError(f"model must be one of {sorted(MODELS)}, got {model!r}")
+    return Phase2Plan.from_shapes(MODELS[model]())
 
 
 def make_workload(
     model: str, tasks: int, dtype: torch.dtype, device: torch.device, seed: int
 ) -> Workload:
     """Seeded random gradients ``[T, N]``, strengths ``[T, C]`` and their top tasks."""
-    plan = model_plan(model)
+    plan = bench_plan(model)
     gen = torch.Generator(device=device).manual_seed(seed)
     grads = torch.randn(tasks, plan.numel, generator=gen, dtype=dtype, device=device)
     strength = torch.rand(tasks, plan.total_channels, generator=gen, device=device)
@@ -197,14 +252,38 @@ def make_workload(
     return Workload(model, plan, grads, top, out)
 
 
-def cases(work: Workload, backends: Sequence[str], modes: Sequence[str]) -> list[Case]:
-    """The floor first, then the authors' loop, then every backend in every mode."""
+def _compiled_phase2(work: Workload, mode: str) -> Callable[[], object]:
+    """``torch.compile`` of the ``torch`` backend's Phase 2 on this workload."""
+    torch._dynamo.reset()  # a fresh cache: every workload would otherwise count as a recompile
     grads, plan, top, out = work.grads, work.plan, work.top, work.out
+
+    def step() -> object:
+        return cs_kernels.phase2(
+            grads, plan, top=top, mode=mode, out=out, backend="torch", check=False
+        )
+
+    return torch.compile(step)
+
+
+def cases(
+    work: Workload,
+    backends: Sequence[str],
+    modes: Sequence[str],
+    *,
+    graphs: bool = False,
+    compiled: bool = False,
+) -> list[Case]:
+    """The floor first, then the authors' loop, then per mode: ``torch.compile(torch)``
+    (when ``compiled``) and every backend (graph-timed on CUDA when ``graphs``)."""
+    grads, plan, top, out = work.grads, work.plan, work.top, work.out
+    floor_timing = "graph" if graphs else "eager"
     found = [
-        Case("-", FLOOR, partial(torch.sum, grads, 0, out=out)),
+        Case("-", FLOOR, partial(torch.sum, grads, 0, out=out), floor_timing),
         Case("group", AUTHORS, partial(authors_style_phase2, grads, plan, top)),
     ]
     for mode in modes:
+        if compiled:
+            found.append(Case(mode, COMPILED, _compiled_phase2(work, mode)))
         for backend in backends:
             call = partial(
                 cs_kernels.phase2,
@@ -216,22 +295,38 @@ def cases(work: Workload, backends: Sequence[str], modes: Sequence[str]) -> list
                 backend=backend,
                 check=False,
             )
-            found.append(Case(mode, backend, call))
+            if graphs and backend in GRAPHED_BACKENDS:
+                found.append(Case(mode, backend, call, "graph"))
+                if backend == "triton":
+                    found.append(Case(mode, backend, call))
+            else:
+                found.append(Case(mode, backend, call))
     return found
 
 
 def bench_workload(
     work: Workload, backends: Sequence[str], modes: Sequence[str], args: argparse.Namespace
 ) -> list[Row]:
-    """Time every candidate on one workload; ratios use this run's floor and authors' loop."""
+    """Time every candidate on one workload; ratios use this run's floor, authors' loop and
+    compiled ``torch`` backend. ``args`` needs ``repeats``, ``slow_repeats``,
+    ``slow_seconds`` and ``warmup_seconds``; ``graphs`` and ``compiled`` default to off."""
     device = work.grads.device
+    graphs = bool(getattr(args, "graphs", False)) and device.type == "cuda"
+    compiled = bool(getattr(args, "compiled", False))
     timed = []
-    for case in cases(work, backends, modes):
-        times = time_call(case.call, device, args)
-        timed.append((case.mode, case.backend, statistics.median(times), times))
-    floor_ms, authors_ms = timed[0][2], timed[1][2]
+    for case in cases(work, backends, modes, graphs=graphs, compiled=compiled):
+        fn, timing = case.call, case.timing
+        if timing == "graph":
+            replay = capture_graph(fn, device)
+            fn, timing = (replay, "graph") if replay is not None else (fn, "eager")
+        times = time_call(fn, device, args)
+        timed.append((case.mode, case.backend, timing, statistics.median(times), times))
+        del fn
+    floor_ms, authors_ms = timed[0][3], timed[1][3]
+    compiled_ms = {mode: ms for mode, backend, _, ms, _ in timed if backend == COMPILED}
     tasks, numel = work.grads.shape
     floor_bytes = (tasks + 1) * numel * work.grads.element_size()
+    dtype = str(work.grads.dtype).removeprefix("torch.")
     return [
         Row(
             model=work.model,
@@ -244,33 +339,56 @@ def bench_workload(
             x_floor=ms / floor_ms,
             speedup_vs_authors=None if backend == AUTHORS else authors_ms / ms,
             times_ms=times,
+            dtype=dtype,
+            timing=timing,
+            speedup_vs_compiled=(
+                compiled_ms[mode] / ms if mode in compiled_ms and backend != COMPILED else None
+            ),
         )
-        for mode, backend, ms, times in timed
+        for mode, backend, timing, ms, times in timed
     ]
 
 
 # ------------------------------------------------------------------------------ output
 
 
+def _triton_version() -> str | None:
+    try:
+        import triton
+    except ImportError:
+        return None
+    return str(triton.__version__)
+
+
 def header(device: torch.device, when: dt.datetime) -> str:
-    """One line naming the device, thread count, torch version and date."""
+    """One line naming the device, thread count, torch and triton versions and date."""
+    version = _triton_version()
+    triton_version = f" | triton {version}" if version else ""
     return (
         f"Device: {device_name(device)} ({device.type}, {torch.get_num_threads()} threads) | "
-        f"torch {torch.__version__} | {when:%Y-%m-%d %H:%M}"
+        f"torch {torch.__version__}{triton_version} | {when:%Y-%m-%d %H:%M}"
     )
+
+
+def _speedup(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
 
 
 def markdown_table(rows: Sequence[Row]) -> str:
     """The rows as a markdown table."""
     lines = [
-        "| model | N | T | mode | backend | ms | GB/s | x floor | speedup vs authors' loop |",
-        "|---|---:|---:|---|---|---:|---:|---:|---:|",
+        "| model | N | T | mode | backend | dtype | timing | ms | GB/s | x floor "
+        "| speedup vs authors' loop | speedup vs torch.compile |",
+        "|---|---:|---:|---|---|---|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        speedup = "-" if r.speedup_vs_authors is None else f"{r.speedup_vs_authors:.1f}"
+        compiled = _speedup(r.speedup_vs_compiled)
+        if r.backend not in (FLOOR, AUTHORS, COMPILED) and r.speedup_vs_compiled is None:
+            compiled = "n/a"  # torch.compile not timed in this run
         lines.append(
-            f"| {r.model} | {r.numel:,} | {r.tasks} | {r.mode} | {r.backend} | "
-            f"{r.ms:.2f} | {r.gb_per_s:.1f} | {r.x_floor:.2f} | {speedup} |"
+            f"| {r.model} | {r.numel:,} | {r.tasks} | {r.mode} | {r.backend} | {r.dtype or '-'} "
+            f"| {r.timing} | {r.ms:.3f} | {r.gb_per_s:.1f} | {r.x_floor:.2f} "
+            f"| {_speedup(r.speedup_vs_authors)} | {compiled} |"
         )
     return "\n".join(lines)
 
@@ -289,6 +407,7 @@ def save_json(
         "device_type": device.type,
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
+        "triton": _triton_version(),
         "python": platform.python_version(),
         "git_commit": git("rev-parse", "HEAD") or None,
         "git_dirty": None if (status := git("status", "--porcelain")) is None else bool(status),
@@ -310,9 +429,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Command-line options; unset ones take the full-run (or ``--quick``) defaults."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="+", choices=list(MODELS))
-    p.add_argument("--tasks", nargs="+", type=int, help="task counts T (default 2 3 5)")
+    p.add_argument("--tasks", nargs="+", type=int, help="task counts T")
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
-    p.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    p.add_argument(
+        "--dtypes",
+        "--dtype",
+        nargs="+",
+        choices=list(DTYPES),
+        help="default: float32 and bfloat16 on CUDA, float32 on CPU",
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--repeats", type=int, help="timed calls per case (default 7)")
     p.add_argument("--slow-repeats", type=int, help="timed calls of a slow case (default 3)")
@@ -323,34 +448,66 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="a case whose warm-up call takes longer than this is slow (default 0.1 s)",
     )
     p.add_argument(
+        "--very-slow-seconds",
+        type=float,
+        default=5.0,
+        help="a case whose first call takes longer than this is timed by that call (default 5)",
+    )
+    p.add_argument(
         "--warmup-seconds",
         type=float,
         default=0.25,
         help="keep calling before timing until this long has passed (default 0.25 s)",
     )
+    p.add_argument(
+        "--graphs",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="time the floor and the kernel backends as CUDA graph replays (default on CUDA)",
+    )
+    p.add_argument(
+        "--compiled",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also time torch.compile of the torch backend (default on CUDA; slow to compile)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="resnet18, T=2, 3 repeats")
     p.add_argument("--save", action="store_true", help="write benchmarks/results/*.json")
     args = p.parse_args(argv)
-    for key, value in (QUICK if args.quick else DEFAULTS).items():
-        if getattr(args, key) is None:
+    on_gpu = torch.device(args.device).type == "cuda"
+    for key, value in {**DEFAULTS, **(QUICK if args.quick else {})}.items():
+        if getattr(args, key, None) is None:
             setattr(args, key, value)
+    if args.models is None and args.tasks is None and not on_gpu:
+        args.workloads = list(CPU_WORKLOADS)
+    else:
+        models = args.models or (GPU_WORKLOADS["models"] if on_gpu else ["resnet18", "resnet50"])
+        tasks = args.tasks or (GPU_WORKLOADS["tasks"] if on_gpu else [2, 3, 5])
+        args.workloads = [(m, t) for m in models for t in tasks]
+    args.models = sorted({m for m, _ in args.workloads}, key=list(MODELS).index)
+    args.tasks = sorted({t for _, t in args.workloads})
+    if args.dtypes is None:
+        args.dtypes = ["float32"] if args.quick or not on_gpu else list(GPU_DTYPES)
+    if args.graphs is None:
+        args.graphs = on_gpu
+    if args.compiled is None:
+        args.compiled = on_gpu and not args.quick
     return args
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     device = torch.device(args.device)
-    dtype = DTYPES[args.dtype]
     backends = [b for b in cs_kernels.available_backends(device) if b not in EXCLUDED_BACKENDS]
     when = dt.datetime.now().astimezone()
     load_start = load_average()
     rows: list[Row] = []
     with torch.inference_mode():
-        for model in args.models:
-            for tasks in args.tasks:
-                print(f"[bench] {model} T={tasks} ...", file=sys.stderr, flush=True)
-                work = make_workload(model, tasks, dtype, device, args.seed)
+        for dtype_name in args.dtypes:
+            for model, tasks in args.workloads:
+                print(f"[bench] {model} T={tasks} {dtype_name} ...", file=sys.stderr, flush=True)
+                work = make_workload(model, tasks, DTYPES[dtype_name], device, args.seed)
                 rows.extend(bench_workload(work, backends, args.modes, args))
                 del work  # free the [T, N] buffers before the next configuration
                 gc.collect()
@@ -359,8 +516,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     loads = (load_start, load_average())
     print(header(device, when))
     print(
-        f"dtype {args.dtype}; median of {args.repeats} calls ({args.slow_repeats} if slow); "
-        f"1-min load average {loads[0]} at start, {loads[1]} at end"
+        f"median of {args.repeats} calls ({args.slow_repeats} if slow); timing 'graph' = "
+        f"CUDA graph replay; 1-min load average {loads[0]} at start, {loads[1]} at end"
     )
     print()
     print(markdown_table(rows))

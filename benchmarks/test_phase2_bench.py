@@ -1,9 +1,11 @@
-"""pytest-benchmark cases for Phase 2 on ResNet-18/50 plans (run: ``pytest benchmarks``).
+"""pytest-benchmark cases for Phase 2 on ResNet plans (run: ``pytest benchmarks``).
 
-Cases per (model, T): the floor ``torch.sum(grads, 0, out=out)``, ``cs_kernels.phase2`` for
-every available backend but ``reference`` in both modes, and (at T=3 only, it is slow) the
-authors'-style loop. The ``[T, N]`` buffers are a module-scoped fixture, built once per
-(model, T); pytest groups the tests by it, so one configuration is alive at a time.
+Cases per (model, T, dtype): the floor ``torch.sum(grads, 0, out=out)``, ``cs_kernels.phase2``
+for every available backend but ``reference`` in both modes (on CUDA the kernel backends
+also as CUDA graph replays), and (at T=3 only, it is slow) the authors'-style loop. CPU:
+ResNet-18/50, T = 2, 3, 5, fp32; CUDA: also ResNet-50 x4 (~94M), T = 10, 20 and bf16. The
+``[T, N]`` buffers are a module-scoped fixture, built once per configuration; pytest groups
+the tests by it, so one configuration is alive at a time.
 
 Not part of the test suite (``testpaths = ["tests"]``): collected only when named.
 """
@@ -17,12 +19,14 @@ import pytest
 import torch
 
 import cs_kernels
-from benchmarks.phase2_table import Workload, make_workload
+from benchmarks.phase2_table import GRAPHED_BACKENDS, Workload, capture_graph, make_workload
 from cs_kernels.baseline_loop import authors_style_phase2
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-MODELS = ("resnet18", "resnet50")
-TASKS = (2, 3, 5)
+GPU = DEVICE.type == "cuda"
+MODELS = ("resnet18", "resnet50", "resnet50x4") if GPU else ("resnet18", "resnet50")
+TASKS = (2, 3, 5, 10, 20) if GPU else (2, 3, 5)
+DTYPES = (torch.float32, torch.bfloat16) if GPU else (torch.float32,)
 MODES = ("group", "channel")
 BACKENDS = [b for b in cs_kernels.available_backends(DEVICE) if b != "reference"]
 SLOW_BACKENDS = ("torch",) if DEVICE.type == "cpu" else ()  # ~0.3-0.8 s a call on CPU
@@ -32,13 +36,13 @@ SEED = 0
 
 @pytest.fixture(
     scope="module",
-    params=[(m, t) for m in MODELS for t in TASKS],
-    ids=lambda p: f"{p[0]}-T{p[1]}",
+    params=[(m, t, d) for d in DTYPES for m in MODELS for t in TASKS],
+    ids=lambda p: f"{p[0]}-T{p[1]}-{str(p[2]).removeprefix('torch.')}",
 )
 def workload(request: pytest.FixtureRequest) -> Iterator[Workload]:
-    """Seeded ``[T, N]`` gradients (~470 MB at resnet50, T=5), freed after its tests."""
-    model, tasks = request.param
-    work = make_workload(model, tasks, torch.float32, DEVICE, SEED)
+    """Seeded ``[T, N]`` gradients (~470 MB at resnet50, T=5, fp32), freed after its tests."""
+    model, tasks, dtype = request.param
+    work = make_workload(model, tasks, dtype, DEVICE, SEED)
     yield work
     del work
     if DEVICE.type == "cuda":
@@ -69,6 +73,7 @@ def describe(benchmark: Any, work: Workload, mode: str, backend: str) -> None:
         mode=mode,
         backend=backend,
         device=str(DEVICE),
+        dtype=str(work.grads.dtype).removeprefix("torch."),
     )
 
 
@@ -101,3 +106,21 @@ def test_authors_loop(benchmark: Any, workload: Workload) -> None:
     describe(benchmark, workload, "group", "authors_loop")
     w = workload
     run(benchmark, lambda: authors_style_phase2(w.grads, w.plan, w.top), slow=True)
+
+
+@pytest.mark.skipif(not GPU, reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b in GRAPHED_BACKENDS])
+@pytest.mark.parametrize("mode", MODES)
+def test_phase2_graph(benchmark: Any, workload: Workload, mode: str, backend: str) -> None:
+    """One ``cs_kernels.phase2`` call captured in a CUDA graph: the GPU time alone."""
+    describe(benchmark, workload, mode, f"{backend} (graph)")
+    w = workload
+    with torch.inference_mode():
+        replay = capture_graph(
+            lambda: cs_kernels.phase2(
+                w.grads, w.plan, top=w.top, mode=mode, out=w.out, backend=backend, check=False
+            ),
+            DEVICE,
+        )
+    assert replay is not None, "the call could not be captured"
+    run(benchmark, replay, slow=False)

@@ -97,3 +97,22 @@ CASES = [
     Case("no-layers", ck.Phase2Plan([], 41), 3, random_top, normal_grads),
     Case("empty-buffer", ck.Phase2Plan([], 0), 2, random_top, normal_grads),
 ]
+
+
+# Dedicated inputs for the row-tile kernels of the triton backend: vectorisable (16-byte
+# aligned) and unaligned layers, rows that fill a tile exactly or need several, task counts
+# around the power-of-two padding of the per-task vectors, one top task everywhere.
+ALIGNED = ck.Phase2Plan([(0, 5, 32), (160, 3, 48), (400, 2, 16), (448, 4, 8)], 512)
+ALIGNED_LONG = ck.Phase2Plan([(0, 2, 1024), (2048, 1, 640), (2720, 3, 16)], 2784)
+TILE_SIZED = ck.Phase2Plan([(3, 2, 512), (1027, 4, 256), (2051, 1, 511)], 2600)
+
+TRITON_CASES = [
+    Case("aligned-T3", ALIGNED, 3, random_top, normal_grads),
+    Case("aligned-long-T2", ALIGNED_LONG, 2, random_top, normal_grads),
+    Case("tile-sized-T5", TILE_SIZED, 5, random_top, normal_grads),
+    Case("few-channels-T24", one_layer(3, 20), 24, random_top, normal_grads),
+    Case("mixed-T16", MIXED, 16, random_top, normal_grads),
+    Case("mixed-T33", MIXED, 33, random_top, normal_grads),
+    Case("one-top-everywhere", BLOCKS, 4, constant_top(2), opposite_grads),
+    Case("aligned-zero-tasks", ALIGNED, 4, random_top, some_zero_tasks),
+]

@@ -18,6 +18,12 @@ DEVICE = torch.device(os.environ.get("CS_KERNELS_TEST_DEVICE", "cpu"))
 # Every backend except the oracle, that can run on DEVICE here.
 FAST_BACKENDS = [b for b in ck.available_backends(DEVICE) if b != "reference"]
 
+# The triton backend runs here: on CUDA, or on the CPU under the triton interpreter
+# (TRITON_INTERPRET=1 before import; tests/test_triton_interpreter.py starts such a run).
+TRITON = "triton" in FAST_BACKENDS
+# Interpreted kernels run each program in Python: tests keep their grids small there.
+TRITON_INTERPRETED = TRITON and DEVICE.type == "cpu"
+
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 
 # (atol, rtol) relative to unit-scale gradients; the reference works in float64.
