@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 READY  := $(VENV)/.cs_kernels_ready
 
-.PHONY: setup build test test-fast lint cuda-check demo bench clean
+.PHONY: setup build test test-fast lint cuda-check demo reproduce bench clean
 
 setup: $(READY)
 
@@ -33,6 +33,10 @@ test-fast: $(READY)
 
 demo: $(READY)
 	$(PY) python/demo.py
+
+# The MultiDigits comparison (3 seeds x 9 methods, tens of minutes on 2 CPU cores): not in `make test`.
+reproduce: $(READY)
+	$(PY) python/reproduce.py
 
 bench: $(READY)
 	$(PY) benchmarks/phase2_table.py --save

@@ -1,33 +1,37 @@
-"""cs_kernels demo: which backends run here, that they agree with the reference, and how fast.
+"""cs_kernels demo: backends and their agreement, Phase 2 speed, and multi-task training.
 
 Runs as a user would: only the public API of the installed package.
 
-    python python/demo.py            # ResNet-18 layer set, T = 3
-    python python/demo.py --quick    # a smaller layer set, for a smoke test
+    (a) which backends run here and how far each is from the `reference` oracle on the first
+        layers of ResNet-18;
+    (b) the Phase 2 benchmark table (ratio to the floor `torch.sum`, speedup over the
+        authors'-style loop), from benchmarks/phase2_table.py;
+    (c) MultiDigits trained with connection-strength optimization (`ConnectionStrength`,
+        the paper's mixed schedule) and with plainly summed gradients: per-task test metrics,
+        loss curves and the priority telemetry written as PNG.
+
+    python python/demo.py                  # a few minutes on a 2-core CPU; a GPU when present
+    python python/demo.py --quick          # tiny sizes, under a minute, for a smoke test
+    python python/demo.py --results DIR    # where (c) writes (default python/results/demo)
 """
 
 from __future__ import annotations
 
 import argparse
-import time
-from collections.abc import Callable
+import datetime as dt
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
 
 import torch
+from tqdm import tqdm
 
 import cs_kernels as ck
-from cs_kernels.baseline_loop import authors_style_phase2
 from cs_kernels.model_shapes import model_plan
 
-
-def median_ms(fn: Callable[[], object], repeats: int) -> float:
-    """Median wall time of ``fn`` in milliseconds, after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2] * 1e3
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
 
 
 def head_of(plan: ck.Phase2Plan, layers: int) -> ck.Phase2Plan:
@@ -36,27 +40,26 @@ def head_of(plan: ck.Phase2Plan, layers: int) -> ck.Phase2Plan:
     return ck.Phase2Plan(kept, kept[-1].offset + kept[-1].numel)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="small sizes, a few seconds")
-    parser.add_argument("--tasks", type=int, default=3)
-    args = parser.parse_args()
+# ------------------------------------------------------------------------------ (a) parity
 
-    device = torch.device("cpu")
+
+def show_backends(device: torch.device) -> None:
     print(
-        f"cs_kernels {ck.__version__}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+        f"cs_kernels {ck.__version__}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, device {device}"
     )
     print("\nBackends:")
     for name, status in ck.backend_status().items():
         print(f"  {name:<10} {status}")
 
-    # 1. Agreement with the reference on the first layers of ResNet-18 (the oracle is slow).
-    full = model_plan("resnet18")
-    small = head_of(full, 3 if args.quick else 6)
+
+def show_parity(device: torch.device, tasks: int, quick: bool) -> None:
+    """Every fast backend against the reference on the first layers of ResNet-18."""
+    small = head_of(model_plan("resnet18"), 3 if quick else 6)
     gen = torch.Generator().manual_seed(0)
-    grads = torch.randn(args.tasks, small.numel, generator=gen)
-    strength = torch.rand(args.tasks, small.total_channels, generator=gen)
-    print(f"\nAgreement with `reference` on {small} (fp32, T={args.tasks}):")
+    grads = torch.randn(tasks, small.numel, generator=gen).to(device)
+    strength = torch.rand(tasks, small.total_channels, generator=gen).to(device)
+    print(f"\nAgreement with `reference` on {small} (fp32, T={tasks}, {device}):")
     for mode in ("group", "channel"):
         expected = ck.phase2(grads, small, strength, mode=mode, backend="reference")
         for backend in ck.available_backends(device):
@@ -66,30 +69,136 @@ def main() -> None:
             err = float((got - expected).abs().max())
             print(f"  {mode:<8} {backend:<8} max |diff| = {err:.2e}")
 
-    # 2. Whole-model Phase 2 timing against the floor and the authors'-style loop.
-    plan = small if args.quick else full
-    repeats = 3 if args.quick else 7
-    grads = torch.randn(args.tasks, plan.numel, generator=gen)
-    top = ck.plan_top_priority(torch.rand(args.tasks, plan.total_channels, generator=gen), plan)
-    out = torch.empty(plan.numel)
-    floor = median_ms(lambda: torch.sum(grads, 0, out=out), repeats)
-    loop = median_ms(lambda: authors_style_phase2(grads, plan, top), max(1, repeats // 3))
-    print(f"\nPhase 2 on {plan}, T={args.tasks}, fp32, {device}:")
-    print(f"  {'':<18}{'ms':>9}{'x floor':>9}{'vs loop':>9}")
-    print(f"  {'floor (sum)':<18}{floor:>9.2f}{1.0:>9.2f}{loop / floor:>8.1f}x")
-    print(f"  {'authors loop':<18}{loop:>9.2f}{loop / floor:>9.2f}{1.0:>8.1f}x")
-    for backend in ck.available_backends(device):
-        if backend == "reference":
-            continue
-        for mode in ("group", "channel"):
-            ms = median_ms(
-                lambda b=backend, m=mode: ck.phase2(
-                    grads, plan, top=top, mode=m, out=out, backend=b, check=False
-                ),
-                repeats if backend == "cpu" else 1,
-            )
-            label = f"{backend} {mode}"
-            print(f"  {label:<18}{ms:>9.2f}{ms / floor:>9.2f}{loop / ms:>8.1f}x")
+
+# ---------------------------------------------------------------------------- (b) timing
+
+
+def load_bench() -> ModuleType | None:
+    """benchmarks/phase2_table.py as a module, or None (with the reason) if it fails."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import phase2_table
+    except Exception as exc:  # the table is optional for the rest of the demo
+        print(f"\n(benchmark table unavailable: {type(exc).__name__}: {exc})")
+        return None
+    module: ModuleType = phase2_table
+    return module
+
+
+def show_benchmark(device: torch.device, tasks: int, quick: bool) -> None:
+    """The Phase 2 table, kept short on CPU (ResNet-18 only)."""
+    bench = load_bench()
+    if bench is None:
+        return
+    on_gpu = device.type != "cpu"
+    models = ["resnet18", "resnet50"] if on_gpu and not quick else ["resnet18"]
+    task_counts = [2] if quick else ([3, 5] if on_gpu else [tasks])
+    args = argparse.Namespace(
+        repeats=1 if quick else (7 if on_gpu else 3),
+        slow_repeats=1,
+        slow_seconds=0.1,
+        warmup_seconds=0.0 if quick else 0.25,
+    )
+    backends = [b for b in ck.available_backends(device) if b != "reference"]
+    rows = []
+    try:
+        with torch.inference_mode():
+            for model in models:
+                for t in task_counts:
+                    work = bench.make_workload(model, t, torch.float32, device, 0)
+                    rows.extend(bench.bench_workload(work, backends, ("group", "channel"), args))
+                    del work
+    except Exception as exc:  # benchmarks/ evolves on its own; keep the demo going
+        print(f"\n(benchmark table failed: {type(exc).__name__}: {exc})")
+        return
+    name = bench.device_name(device)
+    print(f"\nPhase 2, whole model, fp32 on {name} ({device.type}), median of {args.repeats}:")
+    print("('x floor': time / torch.sum(grads, 0); 'speedup': over the authors'-style loop)\n")
+    print(bench.markdown_table(rows))
+    if not on_gpu:
+        print("(full table: make bench; results in benchmarks/results/)")
+
+
+# -------------------------------------------------------------------------- (c) training
+
+
+def train_demo(device: torch.device, quick: bool, epochs: int | None, out: Path) -> Path:
+    """Train MultiDigits with ours (mixed) and GD; print metrics, write PNGs and JSON."""
+    sys.path.insert(0, str(HERE))
+    from mtl_plots import plot_curves
+    from mtl_train import TrainConfig, total_batches, train_run
+    from multidigits import DEFAULT_TASKS, TASKS, make_multidigits
+
+    tasks = list(DEFAULT_TASKS)
+    sizes = (256, 128, 128) if quick else (4096, 1024, 2048)
+    config = TrainConfig(
+        epochs=epochs or (3 if quick else 8),
+        batch_size=64 if quick else 128,
+        width=8 if quick else 16,
+    )
+    data = make_multidigits(0, *sizes).to(device)
+    methods = {"ours_mixed": "ours (mixed)", "gd": "GD (plain sum)"}
+    print(
+        f"\nMultiDigits: {sizes[0]} / {sizes[1]} / {sizes[2]} train / val / test pairs, tasks "
+        f"{tasks}; {config.epochs} epochs, batch {config.batch_size}, Adam lr {config.lr}, "
+        f"width {config.width}, {device}"
+    )
+    total = sum(total_batches(m, tasks, data, config) for m in methods)
+    runs = {}
+    controller = None
+    with tqdm(total=total, unit="batch") as bar:  # on stderr, like every progress bar
+        for method, label in methods.items():
+            bar.set_description(label)
+            result, step = train_run(method, tasks, data, config, 0, bar.update)
+            runs[label] = result
+            if method == "ours_mixed":
+                controller = getattr(step, "cs", None)
+    if controller is not None:
+        print("\nConnections found by ConnectionStrength:")
+        print(controller.summary())
+
+    arrows = {t: f"{TASKS[t].metric} {'↓' if TASKS[t].lower_is_better else '↑'}" for t in tasks}
+    print("\nTest metrics:")
+    print(f"  {'method':<16}" + "".join(f"{t + ' ' + arrows[t]:>22}" for t in tasks) + "  wall s")
+    for label, run in runs.items():
+        cells = "".join(f"{run.test[t]:>22.4f}" for t in tasks)
+        print(f"  {label:<16}{cells}  {run.wall_s:6.1f}")
+
+    out.mkdir(parents=True, exist_ok=True)
+    curves = plot_curves(runs, tasks, out / "loss_curves.png")
+    print(f"\nwrote {curves}")
+    if controller is not None:
+        telemetry = out / "priority_telemetry.png"
+        controller.telemetry.plot(telemetry)
+        print(f"wrote {telemetry}")
+    summary = {
+        "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "device": str(device),
+        "config": {"epochs": config.epochs, "batch_size": config.batch_size, "lr": config.lr},
+        "runs": {label: run.to_json() for label, run in runs.items()},
+    }
+    (out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, under a minute")
+    parser.add_argument("--tasks", type=int, default=3, help="T for parts (a) and (b)")
+    parser.add_argument("--epochs", type=int, help="epochs for part (c) (default 8; 3 quick)")
+    parser.add_argument(
+        "--results", type=Path, help="folder for part (c) (default python/results/demo)"
+    )
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    out = args.results or HERE / "results" / ("demo-quick" if args.quick else "demo")
+
+    show_backends(device)
+    show_parity(device, args.tasks, args.quick)
+    show_benchmark(device, args.tasks, args.quick)
+    folder = train_demo(device, args.quick, args.epochs, out)
+    print(f"\nResults folder: {folder}")
 
 
 if __name__ == "__main__":
