@@ -6,6 +6,7 @@ same suite runs on a GPU by hand.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import pytest
@@ -14,6 +15,27 @@ import torch
 import cs_kernels as ck
 
 DEVICE = torch.device(os.environ.get("CS_KERNELS_TEST_DEVICE", "cpu"))
+
+# Test modules of the python/ programs and the packages they need. `make test` installs them
+# (strictly under CI); an offline GPU image may lack them, and then these modules are left out
+# of collection, which the report header says.
+PROGRAM_TESTS = {
+    "test_multidigits.py": ("sklearn",),
+    "test_mtl_methods.py": ("sklearn", "torchjd"),
+    "test_reproduce.py": ("sklearn", "torchjd", "tqdm", "matplotlib"),
+    "test_programs.py": ("sklearn", "tqdm", "matplotlib"),
+    "test_training_program.py": ("matplotlib",),
+}
+MISSING = {
+    name: [m for m in modules if importlib.util.find_spec(m) is None]
+    for name, modules in PROGRAM_TESTS.items()
+}
+collect_ignore = [name for name, missing in MISSING.items() if missing]
+
+
+def pytest_report_header() -> list[str]:
+    return [f"left out {name}: {', '.join(MISSING[name])} not installed" for name in collect_ignore]
+
 
 # Every backend except the oracle, that can run on DEVICE here.
 FAST_BACKENDS = [b for b in ck.available_backends(DEVICE) if b != "reference"]

@@ -539,6 +539,7 @@ def test_telemetry_records_top_priority_shares(tmp_path) -> None:  # type: ignor
                 share = sum(float((top[a:b] == t).double().mean()) for top in tops[epoch])
                 assert frac[i, layer, t].item() == pytest.approx(share / len(tops[epoch]))
     assert frac[:, 1, 2].abs().sum() == 0  # `normal` does not reach layer2: never its top
+    pytest.importorskip("matplotlib")  # the plot helper's optional dependency
     path = tmp_path / "priority.png"
     cs.telemetry.plot(str(path))
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
