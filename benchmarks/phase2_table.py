@@ -53,6 +53,7 @@ import torch
 from torch import Tensor
 
 import cs_kernels
+from cs_kernels._device import device_name
 from cs_kernels.baseline_loop import authors_style_phase2
 from cs_kernels.model_shapes import resnet18_conv_shapes, resnet50_conv_shapes
 from cs_kernels.plan import Phase2Plan
@@ -134,19 +135,6 @@ def synchronize(device: torch.device) -> None:
         sync = getattr(getattr(torch, device.type, None), "synchronize", None)
         if sync is not None:
             sync()
-
-
-def device_name(device: torch.device) -> str:
-    """A human-readable name: the GPU model, or the CPU model from /proc/cpuinfo."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
 
 
 def slugify(text: str) -> str:

@@ -98,6 +98,21 @@ def _check_grads(grads: object, min_rank: int, shape_doc: str) -> Tensor:
     return g
 
 
+def _check_plan_call(grads: object, plan: object, mode: str, uniform: str, out: object) -> Tensor:
+    """Arguments shared by `phase2` and `phase2_from_weights`; returns ``grads``."""
+    g = _check_grads(grads, 2, "[T, N]")
+    require_rank(g, "grads", 2, "[T, N]")
+    if not isinstance(plan, Phase2Plan):
+        raise TypeError(f"plan must be a Phase2Plan, got {type(plan).__name__}")
+    if g.shape[1] != plan.numel:
+        raise ValueError(f"grads has {g.shape[1]} elements per task but plan.numel={plan.numel}")
+    require_choice(mode, "mode", MODES)
+    require_choice(uniform, "uniform", UNIFORM_RULES)
+    if out is not None:
+        _check_out(out, g, plan.numel)
+    return g
+
+
 @overload
 def phase2(
     grads: Tensor,
@@ -163,17 +178,8 @@ def phase2(
     Returns:
         ``[N]`` combined gradient (``out`` when given), plus ``[T, N]`` when ``per_task``.
     """
-    g = _check_grads(grads, 2, "[T, N]")
-    require_rank(g, "grads", 2, "[T, N]")
-    if not isinstance(plan, Phase2Plan):
-        raise TypeError(f"plan must be a Phase2Plan, got {type(plan).__name__}")
-    if g.shape[1] != plan.numel:
-        raise ValueError(f"grads has {g.shape[1]} elements per task but plan.numel={plan.numel}")
-    require_choice(mode, "mode", MODES)
-    require_choice(uniform, "uniform", UNIFORM_RULES)
+    g = _check_plan_call(grads, plan, mode, uniform, out)
     _check_flags(per_task=per_task, check=check, check_finite=check_finite)
-    if out is not None:
-        _check_out(out, g, plan.numel)
     if (strength is None) == (top is None):
         raise ValueError("give exactly one of strength and top")
     if strength is not None:
@@ -392,11 +398,8 @@ def phase2_from_weights(
     Returns:
         As `phase2`: ``[N]``, plus ``[T, N]`` when ``per_task``.
     """
-    g = _check_grads(grads, 2, "[T, N]")
-    require_rank(g, "grads", 2, "[T, N]")
-    if not isinstance(plan, Phase2Plan):
-        raise TypeError(f"plan must be a Phase2Plan, got {type(plan).__name__}")
-    require_bool(check, "check")
+    g = _check_plan_call(grads, plan, mode, uniform, out)
+    _check_flags(per_task=per_task, check=check, check_finite=check_finite)
     rows = _check_weights(weights, plan, g)
     s = require_float(scales, "scales")
     require_same_device(s, "scales", g, "grads")
@@ -416,15 +419,18 @@ def phase2_from_weights(
         top = engine.weights_top_priority(rows, s.detach().to(acc).contiguous(), plan)
         if top_out is not None:
             top_out.copy_(top)
-    return phase2(  # type: ignore[call-overload,no-any-return]
+    result, projected = _run_phase2(
         g,
         plan,
-        top=top,
+        top,
         mode=mode,
         uniform=uniform,
         out=out,
         per_task=per_task,
         backend=backend,
-        check=False,
         check_finite=check_finite,
     )
+    if per_task:
+        assert projected is not None
+        return result, projected
+    return result

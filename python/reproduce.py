@@ -39,6 +39,8 @@ from mtl_train import RunResult, TrainConfig, total_batches, train_run
 from multidigits import DEFAULT_TASKS, TASKS, MultiDigits, check_tasks, make_multidigits
 from tqdm import tqdm
 
+from cs_kernels._device import device_name
+
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 
@@ -234,19 +236,6 @@ def markdown(
             lines += [f"- {s}" for s in statements]
     lines += ["", f"Runs: {len(results)}. Raw figures: `reproduce.json`."]
     return "\n".join(lines) + "\n"
-
-
-def device_name(device: torch.device) -> str:
-    """The GPU model, or the CPU model from /proc/cpuinfo."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "CPU"
 
 
 def write(out: Path, results: Sequence[RunResult], meta: dict[str, Any]) -> tuple[Path, Path]:

@@ -220,6 +220,20 @@ def _pass1_gap(
     tl.store(out_ptr + rel, total.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _load_item(item, VEC: tl.constexpr):
+    """One row of the work-item table (see work_items.py), unpacked."""
+    start = tl.load(item)
+    size = tl.load(item + 1).to(tl.int32)
+    row_length = tl.load(item + 2).to(tl.int32)
+    subrows = tl.load(item + 3).to(tl.int32)
+    channel = tl.load(item + 4)
+    layer = tl.load(item + 5)
+    kind = tl.load(item + 6)
+    vectorised = tl.load(item + 7) >= VEC
+    return start, size, row_length, subrows, channel, layer, kind, vectorised
+
+
 @triton.jit(do_not_specialize=["num_tasks", "per_task", "project_uniform"])
 def pass1_kernel(
     grads_ptr, out_ptr, proj_ptr, top_ptr, items_ptr, layers_ptr, dots_ptr,
@@ -229,14 +243,7 @@ def pass1_kernel(
 ):  # fmt: skip
     """Pass 1 over one work item: plain sums, row dots, and (channel mode) the projection."""
     item = items_ptr + tl.program_id(0) * COLUMNS
-    start = tl.load(item)
-    size = tl.load(item + 1).to(tl.int32)
-    row_length = tl.load(item + 2).to(tl.int32)
-    subrows = tl.load(item + 3).to(tl.int32)
-    channel = tl.load(item + 4)
-    layer = tl.load(item + 5)
-    kind = tl.load(item + 6)
-    vectorised = tl.load(item + 7) >= VEC
+    start, size, row_length, subrows, channel, layer, kind, vectorised = _load_item(item, VEC)
     if kind == GAP:
         if vectorised:
             _pass1_gap(grads_ptr, out_ptr, proj_ptr, stride, num_tasks, per_task,
@@ -364,14 +371,7 @@ def pass2_kernel(
 ):  # fmt: skip
     """Group mode, pass 2 over one work item (items in reverse order; gaps have nothing)."""
     item = items_ptr + (tl.num_programs(0) - 1 - tl.program_id(0)) * COLUMNS
-    start = tl.load(item)
-    size = tl.load(item + 1).to(tl.int32)
-    row_length = tl.load(item + 2).to(tl.int32)
-    subrows = tl.load(item + 3).to(tl.int32)
-    channel = tl.load(item + 4)
-    layer = tl.load(item + 5)
-    kind = tl.load(item + 6)
-    vectorised = tl.load(item + 7) >= VEC
+    start, size, row_length, subrows, channel, layer, kind, vectorised = _load_item(item, VEC)
     if kind == ROWS:
         if vectorised:
             _pass2_rows(grads_ptr, out_ptr, proj_ptr, top_ptr, coef_ptr, stride, num_tasks,
