@@ -126,7 +126,7 @@ def train_demo(device: torch.device, quick: bool, epochs: int | None, out: Path)
     """Train MultiDigits with ours (mixed) and GD; print metrics, write PNGs and JSON."""
     sys.path.insert(0, str(HERE))
     from mtl_plots import plot_curves
-    from mtl_train import TrainConfig, total_batches, train_run
+    from mtl_train import WARMUP_STEPS, TrainConfig, total_batches, train_run, warm_up
     from multidigits import DEFAULT_TASKS, TASKS, make_multidigits
 
     tasks = list(DEFAULT_TASKS)
@@ -143,6 +143,7 @@ def train_demo(device: torch.device, quick: bool, epochs: int | None, out: Path)
         f"{tasks}; {config.epochs} epochs, batch {config.batch_size}, Adam lr {config.lr}, "
         f"width {config.width}, {device}"
     )
+    warm_up(methods, tasks, data, config)  # so the first method timed pays no process warm-up
     total = sum(total_batches(m, tasks, data, config) for m in methods)
     runs = {}
     controller = None
@@ -158,19 +159,34 @@ def train_demo(device: torch.device, quick: bool, epochs: int | None, out: Path)
         print(controller.summary())
 
     arrows = {t: f"{TASKS[t].metric} {'↓' if TASKS[t].lower_is_better else '↑'}" for t in tasks}
-    print("\nTest metrics:")
-    print(f"  {'method':<16}" + "".join(f"{t + ' ' + arrows[t]:>22}" for t in tasks) + "  wall s")
+    print("\nTest metrics and cost:")
+    print(
+        f"  {'method':<16}"
+        + "".join(f"{t + ' ' + arrows[t]:>22}" for t in tasks)
+        + f"  {'ms / step':>18}  wall s"
+    )
     for label, run in runs.items():
         cells = "".join(f"{run.test[t]:>22.4f}" for t in tasks)
-        print(f"  {label:<16}{cells}  {run.wall_s:6.1f}")
+        q1, median, q3 = run.step_ms
+        step = f"{median:.1f} [{q1:.1f}-{q3:.1f}]"
+        print(f"  {label:<16}{cells}  {step:>18}  {run.wall_s:6.1f}")
+    print(
+        f"  ms / step: median [quartiles] of one training step (every task's forward and "
+        f"backward, the update), over {runs[next(iter(runs))].timed_steps} steps after each "
+        f"run's first {WARMUP_STEPS};\n  wall s: the whole run (model set-up, every step, "
+        "validation each epoch, test). Each method was warmed up first, so neither pays the "
+        "process's one-time start-up."
+    )
 
     out.mkdir(parents=True, exist_ok=True)
     curves = plot_curves(runs, tasks, out / "loss_curves.png")
     print(f"\nwrote {curves}")
-    if controller is not None:
+    if controller is not None and controller.telemetry.epochs:
         telemetry = out / "priority_telemetry.png"
         controller.telemetry.plot(telemetry)
         print(f"wrote {telemetry}")
+    elif controller is not None:  # one epoch is all Phase 1 (the schedule): nothing recorded
+        print("(no Phase 2 step in this run: no priority telemetry to plot)")
     summary = {
         "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "device": str(device),

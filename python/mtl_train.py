@@ -3,12 +3,27 @@
 Every method gets the same model (``MultiDigitsNet``), initialisation (``torch.manual_seed``),
 batch order, optimizer (Adam), learning rate and number of epochs. ``single`` trains one
 single-task model per task under the same budget and reports each on its own task.
+
+Timing. A run reports two figures, and they measure different things:
+
+* ``step_ms``: the median time of one training step (forward, backward and update of one
+  batch, every task), over the run's steps after its first ``WARMUP_STEPS``. The steps left out
+  carry one-time costs (the thread pool, the allocator, first kernel calls, a method's own
+  set-up) that only the first run of a process would otherwise pay. This is the figure to
+  compare methods by.
+* ``wall_s``: the whole run as a user waits for it: model construction, every step (warm-up
+  steps included), and the per-epoch validation and the final evaluation.
+
+``warm_up`` runs a few steps of each method once per process, so that the first method's
+``wall_s`` does not carry the process's warm-up either (the demo and ``reproduce.py`` call it
+before timing).
 """
 
 from __future__ import annotations
 
+import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -20,6 +35,9 @@ from multidigits import MultiDigits, Split
 from torch import Tensor
 
 Progress = Callable[[int], None]  # called with the number of batches just done
+Clock = Callable[[], float]  # seconds, monotonic
+
+WARMUP_STEPS = 3  # steps per run left out of ``step_ms``
 
 
 @dataclass(frozen=True)
@@ -63,9 +81,11 @@ class RunResult:
     """What one (method, seed) run produced.
 
     ``test``/``val``: final metric per task; ``history``: per epoch, the mean training loss
-    per task (``loss``) and the validation metrics (``val``); ``wall_s``: training and
-    evaluation time; ``optimizer_steps``: ``optimizer.step()`` calls (summed over the models
-    of ``single``).
+    per task (``loss``) and the validation metrics (``val``); ``wall_s``: the whole run
+    (model construction, all steps, validation and evaluation); ``step_ms``: quartiles
+    ``(q1, median, q3)`` of the time of one training step, over ``timed_steps`` steps after
+    the first ``warmup_steps`` of each model (see the module docstring);
+    ``optimizer_steps``: ``optimizer.step()`` calls (summed over the models of ``single``).
     """
 
     method: str
@@ -76,9 +96,69 @@ class RunResult:
     wall_s: float
     optimizer_steps: int
     history: list[dict[str, dict[str, float]]] = field(default_factory=list)
+    step_ms: tuple[float, float, float] = (float("nan"),) * 3
+    timed_steps: int = 0
+    warmup_steps: int = 0
+
+    @property
+    def step_ms_median(self) -> float:
+        return self.step_ms[1]
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+
+class StepTimer:
+    """Times training steps, leaving out the first ``warmup`` of each run.
+
+    ``clock`` is injectable for tests. On a GPU the device is synchronised before each reading,
+    so a step's time includes its kernels (one sync per step: acceptable for a report, and the
+    only way to time a step without events the caller would have to thread through).
+    """
+
+    def __init__(
+        self,
+        warmup: int = WARMUP_STEPS,
+        clock: Clock = time.perf_counter,
+        device: torch.device | None = None,
+    ) -> None:
+        if warmup < 0:
+            raise ValueError(f"warmup must be >= 0, got {warmup}")
+        self.warmup = warmup
+        self.clock = clock
+        self.sync = device is not None and device.type == "cuda"
+        self.seen = 0  # steps timed or skipped
+        self.durations: list[float] = []  # seconds, timed steps only
+
+    def _now(self) -> float:
+        if self.sync:
+            torch.cuda.synchronize()
+        return self.clock()
+
+    def time(self, step: Callable[[], Any]) -> Any:
+        """Run ``step()``; record its duration unless it is among the first ``warmup``."""
+        start = self._now()
+        result = step()
+        elapsed = self._now() - start
+        if self.seen >= self.warmup:
+            self.durations.append(elapsed)
+        self.seen += 1
+        return result
+
+    @property
+    def skipped(self) -> int:
+        return self.seen - len(self.durations)
+
+
+def step_quartiles(durations: Iterable[float]) -> tuple[float, float, float]:
+    """``(q1, median, q3)`` of ``durations`` (seconds) in milliseconds; NaN when empty."""
+    ms = sorted(1e3 * d for d in durations)
+    if not ms:
+        return (float("nan"),) * 3
+    if len(ms) == 1:
+        return (ms[0],) * 3
+    q1, median, q3 = statistics.quantiles(ms, n=4, method="inclusive")
+    return q1, median, q3
 
 
 def batch_orders(size: int, batch_size: int, epochs: int, seed: int) -> list[list[Tensor]]:
@@ -99,8 +179,14 @@ def _train_model(
     config: TrainConfig,
     seed: int,
     progress: Progress | None,
+    timer: StepTimer | None = None,
+    max_steps: int | None = None,
 ) -> tuple[MultiDigitsNet, TrainStep, list[dict[str, dict[str, float]]], int]:
-    """Train one model on ``tasks`` with ``method``; returns it, its step and its history."""
+    """Train one model on ``tasks`` with ``method``; returns it, its step and its history.
+
+    ``timer`` times each step; ``max_steps`` stops after that many steps (for ``warm_up``),
+    without validation.
+    """
     device = data.train.images.device
     torch.manual_seed(seed)
     model = MultiDigitsNet(tasks, width=config.width).to(device)
@@ -120,10 +206,14 @@ def _train_model(
     history = []
     weights = {t: config.weight(t) for t in tasks}
     count_steps = _step_counter(optimizer)
+    timer = timer or StepTimer(warmup=0)
+    done = 0
     model.train()
     for epoch, batches in enumerate(orders):
         sums = {t: torch.zeros((), device=device) for t in tasks}
         for index in batches:
+            if max_steps is not None and done >= max_steps:
+                return model, step, history, count_steps()
             images, targets = data.train.batch(index.to(device))
 
             def loss_fn(
@@ -132,7 +222,8 @@ def _train_model(
                 loss = task_loss(task, model(images, task=task), targets[task])
                 return loss * weights[task] if weights[task] != 1.0 else loss
 
-            losses = step(loss_fn, epoch, config.epochs)
+            losses = timer.time(lambda fn=loss_fn, e=epoch: step(fn, e, config.epochs))
+            done += 1
             for t in tasks:
                 sums[t] += losses[t]
             if progress is not None:
@@ -159,6 +250,35 @@ def total_batches(method: str, tasks: Sequence[str], data: MultiDigits, config: 
     return models * config.epochs * config.steps_per_epoch(data.train)
 
 
+_WARMED: set[tuple[str, tuple[str, ...], str]] = set()
+WARM_UP_AS = {"ours_mixed": ("ours_phase1", "ours_phase2")}
+
+
+def warm_up(
+    methods: Iterable[str],
+    tasks: Sequence[str],
+    data: MultiDigits,
+    config: TrainConfig,
+    steps: int = WARMUP_STEPS,
+) -> list[str]:
+    """Run ``steps`` training steps of each method not yet warmed up in this process, on a
+    throwaway model, so that no timed run pays the process's one-time costs. Returns the
+    methods it ran."""
+    device = str(data.train.images.device)
+    ran = []
+    for method in methods:
+        # The mixed schedule runs only Phase 1 in its first epoch: warm both phases.
+        for part in WARM_UP_AS.get(method, (method,)):
+            key = (part, tuple(tasks), device)
+            if key in _WARMED:
+                continue
+            run_tasks = list(tasks)[:1] if part == "single" else list(tasks)
+            _train_model(part, run_tasks, data, config, 0, None, max_steps=steps)
+            _WARMED.add(key)
+            ran.append(part)
+    return ran
+
+
 def train_run(
     method: str,
     tasks: Sequence[str],
@@ -166,15 +286,29 @@ def train_run(
     config: TrainConfig,
     seed: int,
     progress: Progress | None = None,
+    clock: Clock = time.perf_counter,
 ) -> tuple[RunResult, TrainStep | None]:
     """Train and evaluate ``method`` with ``seed`` on ``data`` (already on its device).
 
     Returns the result and, for a multi-task method, the training step (its ``cs`` holds the
-    connection-strength controller and telemetry for ``ours_*``).
+    connection-strength controller and telemetry for ``ours_*``). ``clock`` times the run and
+    its steps (injectable for tests).
     """
     tasks = list(tasks)
     config.steps_per_epoch(data.train)
-    start = time.perf_counter()
+    device = data.train.images.device
+    start = clock()
+    durations: list[float] = []
+    skipped = 0
+
+    def timer() -> StepTimer:
+        return StepTimer(WARMUP_STEPS, clock, device)
+
+    def timed(run_timer: StepTimer) -> None:
+        nonlocal skipped
+        durations.extend(run_timer.durations)
+        skipped += run_timer.skipped
+
     if method == "single":
         test: dict[str, float] = {}
         val: dict[str, float] = {}
@@ -183,17 +317,33 @@ def train_run(
         ]
         steps = 0
         for task in tasks:
-            model, _, hist, n = _train_model(method, [task], data, config, seed, progress)
+            model_timer = timer()
+            model, _, hist, n = _train_model(
+                method, [task], data, config, seed, progress, model_timer
+            )
+            timed(model_timer)
             test.update(evaluate(model, data.test, [task]))
             val.update(evaluate(model, data.val, [task]))
             for mine, theirs in zip(history, hist, strict=True):
                 mine["loss"].update(theirs["loss"])
                 mine["val"].update(theirs["val"])
             steps += n
-        wall = time.perf_counter() - start
-        return RunResult(method, seed, tasks, test, val, wall, steps, history), None
-    model, step, history, steps = _train_model(method, tasks, data, config, seed, progress)
+        wall = clock() - start
+        quartiles = step_quartiles(durations)
+        result = RunResult(
+            method, seed, tasks, test, val, wall, steps, history, quartiles, len(durations), skipped
+        )
+        return result, None
+    run_timer = timer()
+    model, step, history, steps = _train_model(
+        method, tasks, data, config, seed, progress, run_timer
+    )
+    timed(run_timer)
     test = evaluate(model, data.test, tasks)
     val = evaluate(model, data.val, tasks)
-    wall = time.perf_counter() - start
-    return RunResult(method, seed, tasks, test, val, wall, steps, history), step
+    wall = clock() - start
+    quartiles = step_quartiles(durations)
+    result = RunResult(
+        method, seed, tasks, test, val, wall, steps, history, quartiles, len(durations), skipped
+    )
+    return result, step

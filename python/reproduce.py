@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from mtl_methods import BASELINES, METHODS
 from mtl_metrics import delta_m, lower_is_better, mean_std, relative_change
-from mtl_train import RunResult, TrainConfig, total_batches, train_run
+from mtl_train import WARMUP_STEPS, RunResult, TrainConfig, total_batches, train_run, warm_up
 from multidigits import DEFAULT_TASKS, TASKS, MultiDigits, check_tasks, make_multidigits
 from tqdm import tqdm
 
@@ -140,6 +140,7 @@ def summarise(
             "seeds": [r.seed for r in runs],
             "metrics": {t: mean_std([r.test[t] for r in runs]) for t in tasks},
             "wall_s": mean_std([r.wall_s for r in runs]),
+            "step_ms": mean_std([r.step_ms[1] for r in runs]),
             "optimizer_steps": runs[0].optimizer_steps,
         }
         if base is not None:
@@ -207,15 +208,23 @@ def markdown(
         "",
     ]
     header = "| method | Δm (%) ↑ | " + " | ".join(f"{t} {arrows[t]}" for t in tasks)
-    header += " | wall s / run | optimizer steps |"
-    lines += [header, "|---|---:|" + "---:|" * len(tasks) + "---:|---:|"]
+    header += " | ms / step | wall s / run | optimizer steps |"
+    lines += [header, "|---|---:|" + "---:|" * len(tasks) + "---:|---:|---:|"]
     for method, e in summary.items():
         dm = _pm(e["delta_m"], "+.2f") if "delta_m" in e else "n/a"
         cells = [_pm(e["metrics"][t], ".4f" if TASKS[t].metric == "rmse" else ".2f") for t in tasks]
         lines.append(
             f"| {LABELS[method]} | {dm} | {' | '.join(cells)} | "
-            f"{_pm(e['wall_s'], '.1f')} | {e['optimizer_steps']} |"
+            f"{_pm(e['step_ms'], '.1f')} | {_pm(e['wall_s'], '.1f')} | {e['optimizer_steps']} |"
         )
+    lines += [
+        "",
+        f"ms / step: the median time of one training step (every task's forward and backward, "
+        f"the update) after each run's first {WARMUP_STEPS} steps, mean ± std over seeds; "
+        "wall s / run: the whole run (model set-up, every step, validation each epoch, test), "
+        f"with {meta['jobs']} run(s) in parallel. Each worker process warms every method up "
+        "before its first timed run.",
+    ]
     if base is not None:
         lines += ["", "Relative change per task (%, sign flipped where lower is better):", ""]
         lines += ["| method | " + " | ".join(tasks) + " |", "|---|" + "---:|" * len(tasks)]
@@ -267,6 +276,7 @@ class Job:
     sizes: tuple[int, int, int]
     device: str
     threads: int
+    warm_up: tuple[str, ...] = ()  # methods to warm up in this process before timing
 
 
 _DATA: dict[tuple[int, tuple[int, int, int], str], MultiDigits] = {}
@@ -283,6 +293,7 @@ def data_for(job: Job) -> MultiDigits:
 def run_job(job: Job, progress: Callable[[int], None] | None = None) -> RunResult:
     """Train and evaluate one job (in this process or a worker)."""
     torch.set_num_threads(job.threads)
+    warm_up(job.warm_up, job.tasks, data_for(job), job.config)  # once per process and method
     result, _ = train_run(job.method, job.tasks, data_for(job), job.config, job.seed, progress)
     return result
 
@@ -326,6 +337,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.sizes,
             args.device,
             args.threads,
+            tuple(args.methods),
         )
         for seed in args.seeds
         for m in args.methods
@@ -367,7 +379,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             meta["total_s"] = time.perf_counter() - start
             paths = write(args.out, results, meta)  # after every run: nothing is lost
             metrics = ", ".join(f"{t} {v:.4g}" for t, v in result.test.items())
-            bar.write(f"seed {result.seed} {result.method:<12} {result.wall_s:6.1f} s  {metrics}")
+            bar.write(
+                f"seed {result.seed} {result.method:<12} {result.step_ms[1]:7.1f} ms/step "
+                f"{result.wall_s:6.1f} s  {metrics}"
+            )
 
         run_all(jobs, args.jobs, bar, done)
     assert paths is not None

@@ -12,6 +12,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "python"))
 
+import mtl_train
 import reproduce
 from mtl_methods import METHODS
 from mtl_metrics import (
@@ -21,7 +22,16 @@ from mtl_metrics import (
     mean_std,
     relative_change,
 )
-from mtl_train import RunResult, TrainConfig, batch_orders, train_run
+from mtl_train import (
+    WARMUP_STEPS,
+    RunResult,
+    StepTimer,
+    TrainConfig,
+    batch_orders,
+    step_quartiles,
+    train_run,
+    warm_up,
+)
 from multidigits import DEFAULT_TASKS, make_multidigits
 
 LOWER = {"left": False, "right": False, "clean": True}
@@ -199,13 +209,14 @@ def test_reproduce_quick_end_to_end(quick_run) -> None:  # type: ignore[no-untyp
     for method, entry in payload["summary"].items():
         assert math.isfinite(entry["delta_m"][0]), method
         assert entry["wall_s"][0] > 0
+        assert entry["step_ms"][0] > 0  # quick runs have 4 steps: 3 warm-up, 1 timed
         assert set(entry["metrics"]) == set(DEFAULT_TASKS)
     assert payload["summary"]["single"]["delta_m"][0] == pytest.approx(0.0, abs=1e-9)
     # Phase 1 takes one optimizer step per task per batch; Phase 2 one per batch.
     steps = {m: payload["summary"][m]["optimizer_steps"] for m in ("ours_phase1", "ours_phase2")}
     assert steps["ours_phase1"] == len(DEFAULT_TASKS) * steps["ours_phase2"]
     text = payload["markdown"]
-    assert "| method | Δm (%) ↑ |" in text
+    assert "| method | Δm (%) ↑ |" in text and "| ms / step | wall s / run |" in text
     assert "mixed > Phase 1 only > Phase 2 only" in text
     for label in reproduce.LABELS.values():
         assert f"| {label} |" in text
@@ -246,3 +257,99 @@ def test_loss_weights_scale_the_training_loss() -> None:
     # (two batches) is dominated by it.
     ratio = heavy.history[0]["loss"]["clean"] / plain.history[0]["loss"]["clean"]
     assert 30.0 < ratio < 300.0
+
+
+# -------------------------------------------------------------------------------- timing
+
+
+class FakeClock:
+    """A clock that only moves when told to: steps cost what the test says."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_step_timer_leaves_out_the_first_steps_of_each_run() -> None:
+    clock = FakeClock()
+    timer = StepTimer(warmup=2, clock=clock)
+    for cost in (5.0, 4.0, 0.010, 0.012, 0.011):
+
+        def step(cost: float = cost) -> str:
+            clock.now += cost
+            return "done"
+
+        assert timer.time(step) == "done"
+    assert timer.skipped == 2 and len(timer.durations) == 3
+    assert step_quartiles(timer.durations) == pytest.approx((10.5, 11.0, 11.5))
+    assert all(math.isnan(q) for q in step_quartiles([]))
+    with pytest.raises(ValueError, match="warmup"):
+        StepTimer(warmup=-1)
+
+
+def test_the_first_method_run_is_not_charged_for_the_process_warm_up(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The process's first steps are slow (thread pool, allocator, first kernels): whichever
+    method runs first must not report them as its own cost."""
+    clock = FakeClock()
+    process_steps = [0]
+    make_step = mtl_train.make_step
+
+    def slow_first_steps(*args, **kwargs):  # type: ignore[no-untyped-def]
+        step = make_step(*args, **kwargs)
+
+        def timed(*a, **k):  # type: ignore[no-untyped-def]
+            process_steps[0] += 1
+            clock.now += 1.0 if process_steps[0] <= WARMUP_STEPS else 0.002
+            return step(*a, **k)
+
+        return timed
+
+    monkeypatch.setattr(mtl_train, "make_step", slow_first_steps)
+    config = TrainConfig(epochs=2, batch_size=16, width=4)
+    data = make_multidigits(0, train_size=64, val_size=16, test_size=16)
+    tasks = list(DEFAULT_TASKS)
+    first, _ = train_run("gd", tasks, data, config, seed=0, clock=clock)
+    second, _ = train_run("ours_mixed", tasks, data, config, seed=0, clock=clock)
+    assert first.warmup_steps == second.warmup_steps == WARMUP_STEPS
+    assert first.timed_steps == second.timed_steps == 8 - WARMUP_STEPS
+    assert first.step_ms == pytest.approx((2.0, 2.0, 2.0))
+    assert second.step_ms == pytest.approx((2.0, 2.0, 2.0))
+    # The wall time is the user's whole wait: it keeps the warm-up of the run that paid it.
+    assert first.wall_s == pytest.approx(WARMUP_STEPS * 1.0 + 5 * 0.002)
+
+
+def test_warm_up_runs_each_method_once_per_process_and_both_phases_of_mixed() -> None:
+    config, data = tiny()
+    tasks = list(DEFAULT_TASKS)
+    mtl_train._WARMED.clear()
+    assert warm_up(["gd", "ours_mixed"], tasks, data, config, steps=1) == [
+        "gd",
+        "ours_phase1",
+        "ours_phase2",
+    ]
+    assert warm_up(["gd", "ours_mixed", "ours_phase2"], tasks, data, config, steps=1) == []
+    assert warm_up(["single"], tasks, data, config, steps=1) == ["single"]
+
+
+def test_demo_warms_every_method_up_before_timing_any(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import demo
+
+    calls: list[str] = []
+    monkeypatch.setattr(
+        mtl_train, "warm_up", lambda methods, *a, **k: calls.append(f"warm {sorted(methods)}")
+    )
+    real_run = mtl_train.train_run
+
+    def run(method, *args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(f"run {method}")
+        return real_run(method, *args, **kwargs)
+
+    monkeypatch.setattr(mtl_train, "train_run", run)
+    demo.train_demo(torch.device("cpu"), quick=True, epochs=1, out=tmp_path)
+    assert calls == ["warm ['gd', 'ours_mixed']", "run ours_mixed", "run gd"]
