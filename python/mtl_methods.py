@@ -18,6 +18,10 @@ method             update of the shared parameters
 ``ours_mixed``     ``ConnectionStrength.step``: Phase 1 or 2 per batch, the paper's schedule
 =================  ==========================================================================
 
+Loss scaling. A method name may end in ``_uw`` (e.g. ``gd_uw``, ``ours_mixed_uw``): the same
+update on losses scaled by uncertainty weighting (Kendall et al., 2018), whose learnable
+log-variances are trained with the model (`UncertaintyWeighting`); see `parse_method`.
+
 For the torchjd baselines, task-specific parameters (each task's BatchNorms and head) receive
 their own task's gradient and only the shared parameters are aggregated, as in the paper's
 comparison. The methods ``ours_*`` use ``cs_kernels.training.ConnectionStrength`` through its
@@ -38,7 +42,51 @@ LossFn = Callable[[str], Tensor]
 BASELINES = ("pcgrad", "cagrad", "mgda", "aligned_mtl")
 OURS = ("ours_phase1", "ours_phase2", "ours_mixed")
 METHODS = ("single", "gd", *BASELINES, *OURS)
+SCALINGS = ("uw",)  # loss scalings a method name may end in: ``<method>_<scaling>``
+SCALED_METHODS = ("gd_uw", "ours_mixed_uw")  # the ones the reproductions run
 CAGRAD_C = 0.4
+
+
+def parse_method(name: str) -> tuple[str, str | None]:
+    """``"ours_mixed_uw"`` -> ``("ours_mixed", "uw")``; ``"gd"`` -> ``("gd", None)``."""
+    for scaling in SCALINGS:
+        base = name.removesuffix(f"_{scaling}")
+        if base != name and base in METHODS and base != "single":
+            return base, scaling
+    if name not in METHODS:
+        scaled = [f"{m}_{s}" for s in SCALINGS for m in METHODS if m != "single"]
+        raise ValueError(f"method must be one of {METHODS} or {scaled}, got {name!r}")
+    return name, None
+
+
+class UncertaintyWeighting(nn.Module):
+    """Uncertainty weighting (Kendall, Gal and Cipolla, CVPR 2018) of the task losses.
+
+    One learnable log-variance ``s_t`` per task (``log_var[t]``, a scalar parameter of its own,
+    in task order, initialised to 0, i.e. weight 1/2)::
+
+        scaled(task, L_t) = exp(-s_t) L_t / 2 + s_t / 2
+
+    At its optimum ``exp(s_t) = L_t``, so every task's loss is scaled towards the same size.
+    ``s_t`` is reached by task ``t``'s loss only: a task-specific parameter for every method
+    (one tensor per task, so Phase 1's per-task optimizer steps leave the others alone).
+    """
+
+    def __init__(self, tasks: Sequence[str]) -> None:
+        super().__init__()
+        self.tasks = tuple(tasks)
+        self.log_var = nn.ParameterList(nn.Parameter(torch.zeros(())) for _ in self.tasks)
+
+    def forward(self, task: str, loss: Tensor) -> Tensor:
+        s = self.log_var[self.tasks.index(task)]
+        return 0.5 * torch.exp(-s) * loss + 0.5 * s
+
+    @torch.no_grad()
+    def weights(self) -> dict[str, float]:
+        """The current factor ``exp(-s_t) / 2`` of every task's loss."""
+        return {
+            t: 0.5 * float(torch.exp(-s)) for t, s in zip(self.tasks, self.log_var, strict=True)
+        }
 
 
 class TrainStep(ABC):

@@ -1,8 +1,11 @@
 """The shared training harness of demo.py and reproduce.py: one method, one seed, one run.
 
-Every method gets the same model (``MultiDigitsNet``), initialisation (``torch.manual_seed``),
+A run trains on one benchmark (`mtl_benchmarks.Benchmark`: MultiDigits by default, or Scenes).
+Every method gets the same model (the benchmark's), initialisation (``torch.manual_seed``),
 batch order, optimizer (Adam), learning rate and number of epochs. ``single`` trains one
-single-task model per task under the same budget and reports each on its own task.
+single-task model per task under the same budget and reports each on its own task. A method
+ending in ``_uw`` scales the losses by uncertainty weighting (`mtl_methods.parse_method`); its
+log-variances join the optimizer.
 
 Timing. A run reports two figures, and they measure different things:
 
@@ -28,11 +31,13 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-from mtl_methods import TrainStep, make_step
-from mtl_metrics import evaluate
-from mtl_models import MultiDigitsNet, task_loss
-from multidigits import MultiDigits, Split
-from torch import Tensor
+from mtl_benchmarks import Benchmark, get_benchmark
+from mtl_data import Split
+from mtl_methods import TrainStep, UncertaintyWeighting, make_step, parse_method
+from mtl_metrics import evaluate, evaluate_all
+from torch import Tensor, nn
+
+Data = Any  # a benchmark's splits: ``.train``, ``.val``, ``.test`` (`mtl_data.Split`)
 
 Progress = Callable[[int], None]  # called with the number of batches just done
 Clock = Callable[[], float]  # seconds, monotonic
@@ -66,13 +71,13 @@ class TrainConfig:
         """The loss weight of ``task`` (1 unless set)."""
         return float(self.loss_weights.get(task, 1.0))
 
-    def steps_per_epoch(self, train: Split) -> int:
-        """Full batches per epoch (the last partial batch is dropped)."""
-        steps = len(train) // self.batch_size
+    def steps_per_epoch(self, train: Split | int) -> int:
+        """Full batches per epoch of ``train`` (a split or its size); the last partial batch
+        is dropped."""
+        size = train if isinstance(train, int) else len(train)
+        steps = size // self.batch_size
         if steps < 1:
-            raise ValueError(
-                f"batch_size {self.batch_size} exceeds the {len(train)} training examples"
-            )
+            raise ValueError(f"batch_size {self.batch_size} exceeds the {size} training examples")
         return steps
 
 
@@ -85,7 +90,9 @@ class RunResult:
     (model construction, all steps, validation and evaluation); ``step_ms``: quartiles
     ``(q1, median, q3)`` of the time of one training step, over ``timed_steps`` steps after
     the first ``warmup_steps`` of each model (see the module docstring);
-    ``optimizer_steps``: ``optimizer.step()`` calls (summed over the models of ``single``).
+    ``optimizer_steps``: ``optimizer.step()`` calls (summed over the models of ``single``);
+    ``test_all``: every metric of every task on the test split (the primary one first);
+    ``loss_scales``: for a ``_uw`` method, the final factor of each task's loss.
     """
 
     method: str
@@ -99,6 +106,8 @@ class RunResult:
     step_ms: tuple[float, float, float] = (float("nan"),) * 3
     timed_steps: int = 0
     warmup_steps: int = 0
+    test_all: dict[str, dict[str, float]] = field(default_factory=dict)
+    loss_scales: dict[str, float] = field(default_factory=dict)
 
     @property
     def step_ms_median(self) -> float:
@@ -172,29 +181,41 @@ def batch_orders(size: int, batch_size: int, epochs: int, seed: int) -> list[lis
     return orders
 
 
+def _validate(bench: Benchmark, model: nn.Module, split: Split, tasks: Sequence[str]) -> Any:
+    return evaluate(
+        model, split, tasks, bench.eval_batch_size, specs=bench.specs, predict=bench.predict
+    )
+
+
 def _train_model(
     method: str,
     tasks: Sequence[str],
-    data: MultiDigits,
+    data: Data,
     config: TrainConfig,
     seed: int,
     progress: Progress | None,
     timer: StepTimer | None = None,
     max_steps: int | None = None,
-) -> tuple[MultiDigitsNet, TrainStep, list[dict[str, dict[str, float]]], int]:
-    """Train one model on ``tasks`` with ``method``; returns it, its step and its history.
+    bench: Benchmark | None = None,
+) -> tuple[nn.Module, TrainStep, list[dict[str, dict[str, float]]], int, dict[str, float]]:
+    """Train one model on ``tasks`` with ``method``; returns it, its step, its history, its
+    optimizer steps and (``_uw`` methods) the final loss scales.
 
     ``timer`` times each step; ``max_steps`` stops after that many steps (for ``warm_up``),
     without validation.
     """
+    bench = bench or get_benchmark("multidigits")
+    base, scaling = parse_method(method)
     device = data.train.images.device
     torch.manual_seed(seed)
-    model = MultiDigitsNet(tasks, width=config.width).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    model = bench.build_model(tasks, config.width).to(device)
+    scaler = UncertaintyWeighting(tasks).to(device) if scaling == "uw" else None
+    params = list(model.parameters()) + (list(scaler.parameters()) if scaler else [])
+    optimizer = torch.optim.Adam(params, lr=config.lr)
     orders = batch_orders(len(data.train), config.batch_size, config.epochs, seed)
-    sample = data.train.images[orders[0][0].to(device)]
+    sample, _ = data.train.batch(orders[0][0].to(device))
     step = make_step(
-        method,
+        base,
         model,
         tasks,
         optimizer,
@@ -205,6 +226,7 @@ def _train_model(
     )
     history = []
     weights = {t: config.weight(t) for t in tasks}
+    task_loss = bench.task_loss
     count_steps = _step_counter(optimizer)
     timer = timer or StepTimer(warmup=0)
     done = 0
@@ -213,24 +235,38 @@ def _train_model(
         sums = {t: torch.zeros((), device=device) for t in tasks}
         for index in batches:
             if max_steps is not None and done >= max_steps:
-                return model, step, history, count_steps()
+                return model, step, history, count_steps(), _scales(scaler)
             images, targets = data.train.batch(index.to(device))
+            weighted: dict[str, Tensor] = {}  # the loss before uncertainty weighting
 
             def loss_fn(
-                task: str, images: Tensor = images, targets: dict[str, Tensor] = targets
+                task: str,
+                images: Tensor = images,
+                targets: dict[str, Tensor] = targets,
+                weighted: dict[str, Tensor] = weighted,
             ) -> Tensor:
                 loss = task_loss(task, model(images, task=task), targets[task])
-                return loss * weights[task] if weights[task] != 1.0 else loss
+                loss = loss * weights[task] if weights[task] != 1.0 else loss
+                if scaler is None:
+                    return loss
+                weighted[task] = loss.detach()
+                return scaler(task, loss)
 
+            if scaler is not None:  # Phase 2 zeroes only the model's gradients
+                scaler.zero_grad(set_to_none=True)
             losses = timer.time(lambda fn=loss_fn, e=epoch: step(fn, e, config.epochs))
             done += 1
             for t in tasks:
-                sums[t] += losses[t]
+                sums[t] += weighted[t] if scaler is not None else losses[t]
             if progress is not None:
                 progress(1)
         loss = {t: float(v) / len(batches) for t, v in sums.items()}  # one sync per epoch
-        history.append({"loss": loss, "val": evaluate(model, data.val, tasks)})
-    return model, step, history, count_steps()
+        history.append({"loss": loss, "val": _validate(bench, model, data.val, tasks)})
+    return model, step, history, count_steps(), _scales(scaler)
+
+
+def _scales(scaler: UncertaintyWeighting | None) -> dict[str, float]:
+    return scaler.weights() if scaler is not None else {}
 
 
 def _step_counter(optimizer: torch.optim.Optimizer) -> Callable[[], int]:
@@ -244,57 +280,107 @@ def _step_counter(optimizer: torch.optim.Optimizer) -> Callable[[], int]:
     return lambda: calls[0]
 
 
-def total_batches(method: str, tasks: Sequence[str], data: MultiDigits, config: TrainConfig) -> int:
+def total_batches(method: str, tasks: Sequence[str], data: Data, config: TrainConfig) -> int:
     """Batches a run of ``method`` processes (``single`` trains one model per task)."""
+    return total_batches_of(method, tasks, len(data.train), config)
+
+
+def total_batches_of(
+    method: str, tasks: Sequence[str], train_size: int, config: TrainConfig
+) -> int:
+    """`total_batches` from the size of the training split."""
     models = len(tasks) if method == "single" else 1
-    return models * config.epochs * config.steps_per_epoch(data.train)
+    return models * config.epochs * config.steps_per_epoch(train_size)
 
 
-_WARMED: set[tuple[str, tuple[str, ...], str]] = set()
+_WARMED: set[tuple[str, str, tuple[str, ...], str]] = set()
 WARM_UP_AS = {"ours_mixed": ("ours_phase1", "ours_phase2")}
 
 
 def warm_up(
     methods: Iterable[str],
     tasks: Sequence[str],
-    data: MultiDigits,
+    data: Data,
     config: TrainConfig,
     steps: int = WARMUP_STEPS,
+    bench: Benchmark | None = None,
 ) -> list[str]:
     """Run ``steps`` training steps of each method not yet warmed up in this process, on a
     throwaway model, so that no timed run pays the process's one-time costs. Returns the
     methods it ran."""
+    bench = bench or get_benchmark("multidigits")
     device = str(data.train.images.device)
     ran = []
     for method in methods:
+        base, scaling = parse_method(method)
+        suffix = f"_{scaling}" if scaling else ""
         # The mixed schedule runs only Phase 1 in its first epoch: warm both phases.
-        for part in WARM_UP_AS.get(method, (method,)):
-            key = (part, tuple(tasks), device)
+        for part in (p + suffix for p in WARM_UP_AS.get(base, (base,))):
+            key = (bench.name, part, tuple(tasks), device)
             if key in _WARMED:
                 continue
             run_tasks = list(tasks)[:1] if part == "single" else list(tasks)
-            _train_model(part, run_tasks, data, config, 0, None, max_steps=steps)
+            _train_model(part, run_tasks, data, config, 0, None, max_steps=steps, bench=bench)
             _WARMED.add(key)
             ran.append(part)
     return ran
 
 
+def time_steps(
+    method: str,
+    tasks: Sequence[str],
+    data: Data,
+    config: TrainConfig,
+    steps: int,
+    *,
+    clock: Clock = time.process_time,
+    bench: Benchmark | None = None,
+) -> list[float]:
+    """Durations (seconds by ``clock``) of ``steps`` training steps of ``method``, after
+    ``WARMUP_STEPS`` untimed ones, on a throwaway model: for budgeting a reproduction.
+
+    The default clock is this process's CPU time, which other programs on a busy machine do
+    not inflate the way they inflate wall time (with one torch thread per run, it is the wall
+    time of the step on an otherwise idle core).
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    timer = StepTimer(WARMUP_STEPS, clock)
+    run_tasks = list(tasks)[:1] if method == "single" else list(tasks)
+    _train_model(method, run_tasks, data, config, 0, None, timer, WARMUP_STEPS + steps, bench=bench)
+    return timer.durations
+
+
 def train_run(
     method: str,
     tasks: Sequence[str],
-    data: MultiDigits,
+    data: Data,
     config: TrainConfig,
     seed: int,
     progress: Progress | None = None,
     clock: Clock = time.perf_counter,
+    bench: Benchmark | None = None,
 ) -> tuple[RunResult, TrainStep | None]:
-    """Train and evaluate ``method`` with ``seed`` on ``data`` (already on its device).
+    """Train and evaluate ``method`` with ``seed`` on ``data`` (already on its device) of
+    ``bench`` (default MultiDigits).
 
-    Returns the result and, for a multi-task method, the training step (its ``cs`` holds the
-    connection-strength controller and telemetry for ``ours_*``). ``clock`` times the run and
-    its steps (injectable for tests).
+    Returns the result and, for a multi-task method, the training step (its ``model``; its
+    ``cs`` holds the connection-strength controller and telemetry for ``ours_*``). ``clock``
+    times the run and its steps (injectable for tests).
     """
+    bench = bench or get_benchmark("multidigits")
     tasks = list(tasks)
+
+    def test_metrics(model: nn.Module, run_tasks: Sequence[str]) -> dict[str, dict[str, float]]:
+        return evaluate_all(
+            model,
+            data.test,
+            run_tasks,
+            bench.eval_batch_size,
+            specs=bench.specs,
+            predict=bench.predict,
+        )
+
     config.steps_per_epoch(data.train)
     device = data.train.images.device
     start = clock()
@@ -312,38 +398,64 @@ def train_run(
     if method == "single":
         test: dict[str, float] = {}
         val: dict[str, float] = {}
+        test_all: dict[str, dict[str, float]] = {}
         history: list[dict[str, dict[str, float]]] = [
             {"loss": {}, "val": {}} for _ in range(config.epochs)
         ]
         steps = 0
         for task in tasks:
             model_timer = timer()
-            model, _, hist, n = _train_model(
-                method, [task], data, config, seed, progress, model_timer
+            model, _, hist, n, _ = _train_model(
+                method, [task], data, config, seed, progress, model_timer, bench=bench
             )
             timed(model_timer)
-            test.update(evaluate(model, data.test, [task]))
-            val.update(evaluate(model, data.val, [task]))
+            test_all.update(test_metrics(model, [task]))
+            val.update(_validate(bench, model, data.val, [task]))
             for mine, theirs in zip(history, hist, strict=True):
                 mine["loss"].update(theirs["loss"])
                 mine["val"].update(theirs["val"])
             steps += n
+        test = {t: test_all[t][bench.specs[t].metric] for t in tasks}
         wall = clock() - start
         quartiles = step_quartiles(durations)
         result = RunResult(
-            method, seed, tasks, test, val, wall, steps, history, quartiles, len(durations), skipped
+            method,
+            seed,
+            tasks,
+            test,
+            val,
+            wall,
+            steps,
+            history,
+            quartiles,
+            len(durations),
+            skipped,
+            test_all,
         )
         return result, None
     run_timer = timer()
-    model, step, history, steps = _train_model(
-        method, tasks, data, config, seed, progress, run_timer
+    model, step, history, steps, scales = _train_model(
+        method, tasks, data, config, seed, progress, run_timer, bench=bench
     )
     timed(run_timer)
-    test = evaluate(model, data.test, tasks)
-    val = evaluate(model, data.val, tasks)
+    test_all = test_metrics(model, tasks)
+    test = {t: test_all[t][bench.specs[t].metric] for t in tasks}
+    val = _validate(bench, model, data.val, tasks)
     wall = clock() - start
     quartiles = step_quartiles(durations)
     result = RunResult(
-        method, seed, tasks, test, val, wall, steps, history, quartiles, len(durations), skipped
+        method,
+        seed,
+        tasks,
+        test,
+        val,
+        wall,
+        steps,
+        history,
+        quartiles,
+        len(durations),
+        skipped,
+        test_all,
+        scales,
     )
     return result, step

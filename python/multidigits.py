@@ -27,10 +27,10 @@ from its own source digits only, so no test digit is ever seen in training.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from mtl_data import Split, TaskSpec
 from torch import Tensor
 
 DIGIT = 16  # side of one upsampled digit
@@ -39,19 +39,6 @@ CANVAS = DIGIT + SHIFT  # side of the composed image
 MASK_THRESHOLD = 0.5
 SPLITS = ("train", "val", "test")
 SOURCE_FRACTIONS = (0.6, 0.2, 0.2)
-
-TaskKind = Literal["classify", "regress", "segment"]
-
-
-@dataclass(frozen=True)
-class TaskSpec:
-    """What one task predicts and how it is scored."""
-
-    name: str
-    kind: TaskKind
-    metric: str
-    lower_is_better: bool
-
 
 TASKS: dict[str, TaskSpec] = {
     "left": TaskSpec("left", "classify", "accuracy", lower_is_better=False),
@@ -62,28 +49,9 @@ TASKS: dict[str, TaskSpec] = {
 DEFAULT_TASKS = ("left", "right", "clean")
 NUM_CLASSES = 10
 
-
-@dataclass(frozen=True)
-class Split:
-    """One split: ``images [n, 1, 20, 20]`` float32 in [0, 1] and a target per task.
-
-    ``targets["left"]``/``["right"]``: int64 ``[n]`` in 0..9; ``targets["clean"]``: float32
-    ``[n, 1, 20, 20]``; ``targets["mask"]``: float32 ``[n, 1, 20, 20]`` of 0s and 1s.
-    """
-
-    images: Tensor
-    targets: dict[str, Tensor]
-
-    def __len__(self) -> int:
-        return int(self.images.shape[0])
-
-    def to(self, device: torch.device | str) -> Split:
-        """A copy on ``device``."""
-        return Split(self.images.to(device), {k: v.to(device) for k, v in self.targets.items()})
-
-    def batch(self, index: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        """Images and targets of the examples at ``index`` (int64 ``[b]``)."""
-        return self.images[index], {k: v[index] for k, v in self.targets.items()}
+# A split (mtl_data.Split): ``images [n, 1, 20, 20]`` float32 in [0, 1]; ``targets["left"]`` and
+# ``["right"]``: int64 ``[n]`` in 0..9; ``targets["clean"]``: float32 ``[n, 1, 20, 20]``;
+# ``targets["mask"]``: float32 ``[n, 1, 20, 20]`` of 0s and 1s.
 
 
 @dataclass(frozen=True)

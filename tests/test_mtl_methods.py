@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import sys
 from pathlib import Path
 
@@ -15,10 +16,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "python"))
 
 from mtl_methods import (
     METHODS,
+    SCALED_METHODS,
     AggregatorStep,
     LossFn,
     SumStep,
+    UncertaintyWeighting,
     make_step,
+    parse_method,
 )
 from mtl_models import MultiDigitsNet, task_loss
 from multidigits import DEFAULT_TASKS, make_multidigits
@@ -238,3 +242,79 @@ def test_ours_phase1_is_one_optimizer_step_per_task(batch) -> None:  # type: ign
     step(loss_fn_for(ours, batch), 0, 1)
     for (name, p), q in zip(manual.named_parameters(), ours.parameters(), strict=True):
         torch.testing.assert_close(q, p, msg=name)
+
+
+# ------------------------------------------------------------------ uncertainty weighting
+
+
+def test_parse_method_names_a_base_method_and_a_loss_scaling() -> None:
+    assert parse_method("gd") == ("gd", None)
+    assert parse_method("gd_uw") == ("gd", "uw")
+    assert parse_method("ours_mixed_uw") == ("ours_mixed", "uw")
+    assert all(parse_method(m)[1] == "uw" for m in SCALED_METHODS)
+    for bad in ("single_uw", "adam", "gd_dwa", "uw"):
+        with pytest.raises(ValueError, match="method"):
+            parse_method(bad)
+
+
+def test_uncertainty_weighting_value_and_gradient() -> None:
+    uw = UncertaintyWeighting(["a", "b"])
+    with torch.no_grad():
+        uw.log_var[1].fill_(math.log(4.0))
+    loss = torch.tensor(3.0, requires_grad=True)
+    scaled = uw("b", loss)
+    assert float(scaled.detach()) == pytest.approx(0.5 * 3.0 / 4.0 + 0.5 * math.log(4.0))
+    scaled.backward()
+    # d/ds (e^-s L / 2 + s / 2) = (1 - e^-s L) / 2; only task b's log-variance is reached.
+    assert uw.log_var[0].grad is None
+    assert float(uw.log_var[1].grad) == pytest.approx(0.5 * (1 - 3.0 / 4.0))
+    assert float(loss.grad) == pytest.approx(0.5 / 4.0)
+    assert uw.weights() == pytest.approx({"a": 0.5, "b": 0.125})
+
+
+@pytest.mark.parametrize("method", ["gd_uw", "pcgrad_uw", "ours_phase2_uw", "ours_mixed_uw"])
+def test_each_step_gets_its_own_log_variance_gradient(
+    method: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Phase 2 zeroes only the model's gradients: the harness must zero the log-variances'
+    before every step, or their gradients pile up across steps."""
+    import mtl_train
+    from mtl_train import TrainConfig, train_run
+
+    data = make_multidigits(0, train_size=64, val_size=16, test_size=16)
+    seen: list[tuple[Tensor, Tensor, dict[str, Tensor], int]] = []
+    real = mtl_train.make_step
+
+    def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
+        step = real(*args, **kwargs)
+        log_var = args[3].param_groups[0]["params"][-len(TASKS) :]  # the scaler's, in order
+
+        def recorded(loss_fn, epoch, epochs):  # type: ignore[no-untyped-def]
+            before = torch.stack([s.detach().clone() for s in log_var])
+            raw: dict[str, Tensor] = {}
+
+            def recording(task: str) -> Tensor:
+                loss = loss_fn(task)
+                s = before[TASKS.index(task)]  # undo the scaling: the weighted loss L_t
+                raw[task] = ((loss.detach() - 0.5 * s) * 2 * torch.exp(s)).clone()
+                return loss
+
+            losses = step(recording, epoch, epochs)
+            grads = torch.stack([torch.zeros(()) if s.grad is None else s.grad for s in log_var])
+            phase = step.cs.last_phase if method == "ours_mixed_uw" else 2
+            seen.append((before, grads.clone(), raw, phase))
+            return losses
+
+        return recorded
+
+    monkeypatch.setattr(mtl_train, "make_step", spy)
+    config = TrainConfig(epochs=2, batch_size=16, width=4)  # the mixed schedule has Phase 2
+    result, _ = train_run(method, TASKS, data, config, seed=0)  # draws in epoch 1
+    assert len(seen) == 8 and set(result.loss_scales) == set(TASKS)
+    phase2 = [entry for entry in seen if entry[3] == 2]
+    assert phase2
+    for before, grads, raw, _ in phase2:
+        expected = torch.stack(
+            [0.5 - 0.5 * torch.exp(-before[k]) * raw[t] for k, t in enumerate(TASKS)]
+        )
+        torch.testing.assert_close(grads, expected, rtol=1e-4, atol=1e-6)

@@ -112,6 +112,44 @@ def test_task_meters_match_hand_computed_values() -> None:
         TaskMeter("depth")
 
 
+def test_dense_meters_match_hand_computed_values() -> None:
+    from mtl_data import TaskSpec
+    from mtl_metrics import MeanIoU
+
+    seg = TaskSpec("seg", "segment", "miou", lower_is_better=False, classes=3)
+    meter = TaskMeter("seg", seg)
+    # true 0 0 1 1 2 / predicted 0 1 1 1 0: IoU 0 = 1/3, 1 = 2/3, 2 = 0/1 (predicted never).
+    meter.update(torch.tensor([[0, 1, 1, 1, 0]]), torch.tensor([[0, 0, 1, 1, 2]]))
+    assert meter.value() == pytest.approx(100.0 * (1 / 3 + 2 / 3 + 0.0) / 3)
+    pooled = MeanIoU(3)  # pooled over batches: the same confusion matrix in two parts
+    pooled.update(torch.tensor([0, 1]), torch.tensor([0, 0]))
+    pooled.update(torch.tensor([1, 1, 0]), torch.tensor([1, 1, 2]))
+    assert pooled.value() == pytest.approx(meter.value())
+    absent = MeanIoU(4)  # class 3 never appears: left out of the mean, not counted as 0
+    absent.update(torch.tensor([0, 1, 2]), torch.tensor([0, 1, 2]))
+    assert absent.value() == pytest.approx(100.0)
+    assert math.isnan(absent.per_class()[3])
+    with pytest.raises(ValueError, match="class ids"):
+        absent.update(torch.tensor([4]), torch.tensor([0]))
+    with pytest.raises(ValueError, match="classes"):
+        MeanIoU(1)
+
+    depth = TaskMeter("depth", TaskSpec("depth", "depth", "rmse", True, ("abs_rel",)))
+    depth.update(torch.tensor([[1.0, 3.0, 5.0]]), torch.tensor([[2.0, 3.0, 4.0]]))
+    values = depth.values()
+    assert list(values) == ["rmse", "abs_rel"]
+    assert values["rmse"] == pytest.approx(math.sqrt(2 / 3))
+    assert values["abs_rel"] == pytest.approx((0.5 + 0.0 + 0.25) / 3)
+
+    normal = TaskMeter("normal", TaskSpec("normal", "normal", "angle", True))
+    truth = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, 1.0, 0.0]]).T[None]
+    guess = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 1.0], [0.0, -1.0, 0.0]]).T[None]
+    normal.update(guess, truth)  # 0, 45 and 180 degrees; the length of a guess is ignored
+    assert normal.value() == pytest.approx((0.0 + 45.0 + 180.0) / 3)
+    with pytest.raises(ValueError, match="unknown metric"):
+        TaskMeter("x", TaskSpec("x", "depth", "sirmse", True))
+
+
 # ------------------------------------------------------------------------------ harness
 
 
@@ -218,8 +256,8 @@ def test_reproduce_quick_end_to_end(quick_run) -> None:  # type: ignore[no-untyp
     text = payload["markdown"]
     assert "| method | Δm (%) ↑ |" in text and "| ms / step | wall s / run |" in text
     assert "mixed > Phase 1 only > Phase 2 only" in text
-    for label in reproduce.LABELS.values():
-        assert f"| {label} |" in text
+    for method in METHODS:  # MultiDigits runs the unscaled methods by default
+        assert f"| {reproduce.LABELS[method]} |" in text
 
 
 def test_in_process_runs_match_worker_runs(quick_run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
