@@ -34,9 +34,15 @@ test-fast: $(READY)
 demo: $(READY)
 	$(PY) python/demo.py
 
-# The MultiDigits comparison (3 seeds x 9 methods, tens of minutes on 2 CPU cores): not in `make test`.
+# The paper's comparison, 3 seeds each, not in `make test`: MultiDigits (9 methods, about 20 min
+# on 2 CPU cores), then Scenes (11 methods, at most 90 min). `make reproduce WHICH=scenes` (or
+# WHICH=multidigits) runs one.
+WHICH ?= all
 reproduce: $(READY)
-	$(PY) python/reproduce.py
+	@case "$(WHICH)" in all|multidigits|scenes) ;; \
+	  *) echo "WHICH must be all, multidigits or scenes, got '$(WHICH)'"; exit 2 ;; esac
+	if [ "$(WHICH)" != scenes ]; then $(PY) python/reproduce.py; fi
+	if [ "$(WHICH)" != multidigits ]; then $(PY) python/reproduce.py --benchmark scenes; fi
 
 bench: $(READY)
 	$(PY) benchmarks/phase2_table.py --save

@@ -69,7 +69,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     },
     "scenes": {
         "full": {
-            "epochs": 12,
+            "epochs": 14,
             "width": 16,
             "batch_size": 32,
             "sizes": (2048, 256, 512),

@@ -25,6 +25,7 @@ PROGRAM_TESTS = {
     "test_reproduce.py": ("sklearn", "torchjd", "tqdm", "matplotlib"),
     "test_programs.py": ("sklearn", "tqdm", "matplotlib"),
     "test_training_program.py": ("matplotlib",),
+    "test_reproduce_scenes.py": ("torchjd", "tqdm", "matplotlib"),
 }
 MISSING = {
     name: [m for m in modules if importlib.util.find_spec(m) is None]
