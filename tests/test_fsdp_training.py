@@ -85,6 +85,18 @@ def make_model() -> Net:
     return model
 
 
+# Whether gloo's reduce-scatter averages (ReduceOp.AVG): some torch releases summed instead
+# (pytorch/pytorch#162338), and FSDP2's gradients were then W times too large. Set per rank.
+GLOO_AVERAGES = True
+
+
+def gloo_averages(rank: int, world: int) -> bool:
+    values = torch.full((world,), float(rank + 1))
+    out = torch.empty(1)
+    dist.reduce_scatter_tensor(out, values, op=dist.ReduceOp.AVG)
+    return abs(float(out) - (world + 1) / 2) < 1e-6
+
+
 def shard(model: Net, placement=None) -> Net:
     from torch.distributed.fsdp import fully_shard
 
@@ -92,6 +104,9 @@ def shard(model: Net, placement=None) -> Net:
     fully_shard(model.conv1, **kwargs)
     fully_shard(model.conv2)
     fully_shard(model)
+    if not GLOO_AVERAGES:  # let FSDP2 sum and divide itself
+        for module in (model, model.conv1, model.conv2):
+            module.set_force_sum_reduction_for_comms(True)  # type: ignore[operator]
     return model
 
 
@@ -123,10 +138,11 @@ def one_step(model: nn.Module, x: Tensor, y, mode: str, uniform: str) -> dict[st
     """One Phase 2 step up to the optimizer: the gathered gradients and the top tasks."""
     model.eval()
     cs = ConnectionStrength(model, TASKS, x, mode=mode, uniform=uniform)
+    strengths = cs.strengths()  # under FSDP2 a collective: every rank calls it
     cs.collect(loss_fn(model, x, y))
     top = cs.combine()
     grads = {n: full(p.grad).clone() for n, p in model.named_parameters() if p.grad is not None}
-    return {"top": top.clone(), **grads}
+    return {"top": top.clone(), "strengths": strengths, **grads}
 
 
 def train(
@@ -205,6 +221,8 @@ def worker(rank: int, world: int, init: str, out: str) -> None:
     dist.init_process_group(
         "gloo", init_method=init, rank=rank, world_size=world, timeout=timedelta(seconds=60)
     )
+    global GLOO_AVERAGES
+    GLOO_AVERAGES = gloo_averages(rank, world)
     counts: Counter = Counter()
     real = {name: getattr(dist, name) for name in COLLECTIVES if hasattr(dist, name)}
 
@@ -231,6 +249,7 @@ def worker(rank: int, world: int, init: str, out: str) -> None:
             results[f"train-{train_mode}"] = {**state(model, cs), "steps": steps}
         if world == 2:
             results["errors"] = bad_inputs(rank, world)
+        results["gloo_averages"] = GLOO_AVERAGES
         torch.save(results, os.path.join(out, f"rank{rank}.pt"))
     finally:
         for name, fn in real.items():

@@ -10,12 +10,25 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import cs_kernels as ck
+from cs_kernels.backends import BACKENDS as BACKEND_TABLE
 from cs_kernels.backends import phase2_steps as steps_impl
+from cs_kernels.backends.base import Backend
 from tests.cases import CASES, LONG, MIXED, Case
 from tests.conftest import DTYPES, FAST_BACKENDS, assert_close
 
 SETTINGS = [(m, u) for m in ("group", "channel") for u in ("sum", "project")]
-BACKENDS = [*FAST_BACKENDS, "reference"]
+
+
+def _own_steps(name: str) -> bool:
+    """Whether a backend overrides the defaults of the steps (else it runs `torch`'s code)."""
+    kind = type(BACKEND_TABLE[name])
+    return any(getattr(kind, m) is not getattr(Backend, m) for m in STEP_METHODS)
+
+
+STEP_METHODS = ("channel_gram", "projection_coefficients", "project")
+# The default implementation (every fast backend that does not override it runs the same
+# code: testing it once, through "torch", is enough), the overrides, and the oracle.
+BACKENDS = ["torch", *(b for b in FAST_BACKENDS if b != "torch" and _own_steps(b)), "reference"]
 
 
 def stepwise(grads, plan, top, mode, uniform, backend, per_task=True):
@@ -52,19 +65,36 @@ def test_gram_matches_the_rows(backend: str, device: torch.device) -> None:
         torch.testing.assert_close(gram[first : first + layer.channels], want)
 
 
-def test_chunked_walk_matches_one_chunk(monkeypatch: pytest.MonkeyPatch, device) -> None:
-    """Tiny chunks and gap limits: rows and gaps split over many chunks, long gaps skipped."""
+# Rows of 64-multiples after an odd row and an odd gap (a new chunk must realign them), and
+# rows longer than a chunk.
+ODD_THEN_ALIGNED = ck.Phase2Plan([(0, 3, 147), (441 + 10, 8, 64), (963, 4, 128)], 1600)
+PLANS = {"long": LONG, "odd-then-aligned": ODD_THEN_ALIGNED, "mixed": MIXED}
+
+
+@pytest.mark.parametrize("name", list(PLANS))
+def test_chunked_walk_matches_the_reference(
+    name: str, monkeypatch: pytest.MonkeyPatch, device
+) -> None:
+    """Tiny chunks and gap limits: rows and gaps split over many chunks, long gaps skipped;
+    rows in whole blocks where they are 64-multiples, element by element elsewhere."""
+    plan = PLANS[name]
     gen = torch.Generator().manual_seed(4)
-    grads = torch.randn(3, LONG.numel, generator=gen).to(device)
-    top = torch.randint(0, 3, (LONG.total_channels,), generator=gen).to(device)
-    whole = stepwise(grads, LONG, top, "group", "project", "torch")
-    monkeypatch.setattr(steps_impl, "CHUNK_ELEMENTS", 9 * 3000)
+    grads = torch.randn(3, plan.numel, generator=gen, dtype=torch.float64).to(device)
+    top = torch.randint(0, 3, (plan.total_channels,), generator=gen).to(device)
+    want = ck.phase2(grads, plan, top=top, uniform="project", per_task=True, backend="reference")
+    monkeypatch.setattr(steps_impl, "CHUNK_ELEMENTS", 5 * 100)
+    monkeypatch.setattr(steps_impl, "CHUNK_ELEMENTS_MIN", 5 * 100)
     monkeypatch.setattr(steps_impl, "GRAM_GAP_LIMIT", 100)
-    chunks = steps_impl._chunks(LONG, grads.device, 3000, gram=True)
-    assert len(chunks) > 3  # the walk really is chunked
-    pieces = stepwise(grads, LONG, top, "group", "project", "torch")
-    for a, b in zip(pieces, whole, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-5)
+    chunks = steps_impl._chunks(plan, grads.device, steps_impl._budget(grads, 5), gram=True)
+    assert len(chunks) > 1  # the walk really is chunked
+    row_length = torch.tensor(
+        [layer.row_length for layer in plan.layers for _ in range(layer.channels)]
+    )
+    loose = torch.cat([c.element_channel.cpu() for c in chunks])
+    assert not bool((row_length[loose] % steps_impl.BLOCK == 0).any())  # whole blocks there
+    got = stepwise(grads, plan, top, "group", "project", "torch")
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
 # ------------------------------------------------------------------ simulated FSDP2 shards

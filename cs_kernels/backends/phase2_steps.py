@@ -12,9 +12,12 @@ splits Phase 2 into steps, so that only small per-channel statistics cross proce
 3. `project`: ``out = sum_t G_t - (sum_j coef[j, c]) * G_top(c)[c]`` on the local rows.
 
 No Python loop over tasks or layers and no host synchronisation (every size comes from the
-plan). The element-wise steps walk the buffer in a few *chunks* of whole segments (channel
-rows and gap pieces), so their temporaries stay bounded (about `CHUNK_ELEMENTS` values)
-whatever the model size. Segment sums are ``torch.segment_reduce``: deterministic.
+plan). The buffer is cut into aligned *blocks* of `BLOCK` elements: a block inside one channel
+row is handled as a whole (its ``T x T`` Gram matrix is one small matrix product of a batched
+``bmm``; its projection one gathered top row), the few elements of blocks that straddle a row
+boundary one by one. Rows, gaps and blocks are walked in a few *chunks* of whole segments,
+so that temporaries stay near an eighth of the gradient rows' size (1M to 16M values)
+whatever the model. Segment sums are ``torch.segment_reduce``: deterministic.
 """
 
 from __future__ import annotations
@@ -27,7 +30,13 @@ from torch import Tensor
 from cs_kernels._validation import accumulation_dtype
 from cs_kernels.plan import Phase2Plan
 
-# Temporaries per chunk: at most this many values (products or gathered rows), 64 MiB in fp32.
+# Elements per block: long enough for matrix products to run at memory speed, short enough
+# that rows (conv rows are Cin * kh * kw, most of them multiples of 64) are mostly whole blocks.
+BLOCK = 64
+# Temporaries per chunk: about an eighth of the gradient rows' own size, within these bounds
+# (4 MiB and 64 MiB of fp32): few chunks, little extra memory.
+CHUNK_FRACTION = 8
+CHUNK_ELEMENTS_MIN = 1 << 20
 CHUNK_ELEMENTS = 1 << 24
 # A plainly summed gap longer than this is left out of the Gram pass (its dots are not needed);
 # shorter gaps (biases between layers) ride along so that chunks span many layers.
@@ -35,12 +44,21 @@ GRAM_GAP_LIMIT = 4096
 
 
 class Chunk(NamedTuple):
-    start: int  # first element
-    stop: int  # one past the last element
-    lengths: Tensor  # int64 [S_k]: the chunk's segments, in offset order
-    channel: Tensor  # int64 [S_k]: channel (plan order) of each segment; total_channels = gap
-    rows: Tensor  # int64 [R_k]: positions of the channel rows among the chunk's segments
-    row_channel: Tensor  # int64 [R_k]: their channels
+    """A run of whole segments (channel rows and gap pieces) ``[start, stop)`` of the buffer.
+
+    Positions are relative to ``start``. Channel ``C`` (``total_channels``) stands for "no
+    channel": gaps, and blocks that straddle two segments.
+    """
+
+    start: int
+    stop: int
+    num_blocks: int  # whole blocks from the chunk's start
+    block_channel: Tensor  # int64 [num_blocks]: the channel whose row holds the block, or C
+    elements: Tensor  # int64 [M]: channel-row elements outside those blocks
+    element_channel: Tensor  # int64 [M]
+    item_order: Tensor  # int64 [I]: the row blocks, then the elements, sorted by position
+    row_items: Tensor  # int64 [R]: items per channel row of the chunk, rows by position
+    row_channel: Tensor  # int64 [R]
 
 
 class LayerTables(NamedTuple):
@@ -64,6 +82,49 @@ def _segments(plan: Phase2Plan, piece: int) -> list[tuple[int, int, int]]:
     return segs
 
 
+def _chunk(segments: list[tuple[int, int, int]], channels: int, device: torch.device) -> Chunk:
+    """The tables of one chunk made of ``segments`` (consecutive, by offset)."""
+    offsets = torch.tensor([s[0] for s in segments], dtype=torch.int64)
+    lengths = torch.tensor([s[1] for s in segments], dtype=torch.int64)
+    seg_channel = torch.tensor([s[2] for s in segments], dtype=torch.int64)
+    start = segments[0][0]
+    stop = segments[-1][0] + segments[-1][1]
+    num_blocks = (stop - start) // BLOCK  # blocks from the chunk's start
+    local = offsets - start
+    block_starts = BLOCK * torch.arange(num_blocks)
+    seg_first = torch.searchsorted(local, block_starts, right=True) - 1
+    seg_last = torch.searchsorted(local, block_starts + BLOCK - 1, right=True) - 1
+    whole = seg_first == seg_last
+    block_channel = torch.where(whole, seg_channel[seg_first], channels)
+    # every element: its segment, and whether a whole-row block covers it
+    element_seg = torch.repeat_interleave(torch.arange(len(segments)), lengths)
+    covered = torch.zeros(stop - start, dtype=torch.bool)
+    in_row = (block_channel < channels).repeat_interleave(BLOCK)
+    covered[: num_blocks * BLOCK] = in_row
+    is_row = seg_channel[element_seg] < channels
+    elements = torch.nonzero(is_row & ~covered).flatten()
+    element_channel = seg_channel[element_seg[elements]]
+    # items of the Gram pass: the row blocks and the loose elements, in position order
+    row_blocks = torch.nonzero(block_channel < channels).flatten()
+    position = torch.cat([block_starts[row_blocks], elements])
+    candidate = torch.cat([row_blocks, num_blocks + torch.arange(elements.numel())])
+    order = torch.argsort(position, stable=True)
+    item_seg = torch.cat([seg_first[row_blocks], element_seg[elements]])[order]
+    rows = torch.nonzero(seg_channel < channels).flatten()
+    row_items = torch.bincount(item_seg, minlength=len(segments))[rows]
+    return Chunk(
+        start,
+        stop,
+        num_blocks,
+        block_channel.to(device),
+        elements.to(device),
+        element_channel.to(device),
+        candidate[order].to(device),
+        row_items.to(device),
+        seg_channel[rows].to(device),
+    )
+
+
 def _build_chunks(
     plan: Phase2Plan, budget: int, gram: bool, device: torch.device
 ) -> tuple[Chunk, ...]:
@@ -71,39 +132,21 @@ def _build_chunks(
     longer segment is a chunk alone). ``gram``: long gaps are skipped (they need no dots)."""
     chunks: list[Chunk] = []
     current: list[tuple[int, int, int]] = []
-
-    def close() -> None:
-        if not current:
-            return
-        lengths = torch.tensor([s[1] for s in current], dtype=torch.int64)
-        channel = torch.tensor([s[2] for s in current], dtype=torch.int64)
-        rows = torch.nonzero(channel < plan.total_channels).flatten()
-        start = current[0][0]
-        chunks.append(
-            Chunk(
-                start,
-                start + int(lengths.sum()),
-                lengths.to(device),
-                channel.to(device),
-                rows.to(device),
-                channel[rows].to(device),
-            )
-        )
-        current.clear()
-
     size = 0
     for offset, length, channel in _segments(plan, budget):
         is_gap = channel == plan.total_channels
-        if gram and is_gap and length > GRAM_GAP_LIMIT:
-            close()
-            size = 0
-            continue
-        if current and size + length > budget:
-            close()
-            size = 0
-        current.append((offset, length, channel))
-        size += length
-    close()
+        skip = gram and is_gap and length > GRAM_GAP_LIMIT
+        # A row of BLOCK multiples that would start off the chunk's block grid (after an odd
+        # row or gap) starts a new chunk instead, so that its blocks are whole.
+        misaligned = not is_gap and length % BLOCK == 0 and size % BLOCK != 0
+        if current and (skip or misaligned or size + length > budget):
+            chunks.append(_chunk(current, plan.total_channels, device))
+            current, size = [], 0
+        if not skip:
+            current.append((offset, length, channel))
+            size += length
+    if current:
+        chunks.append(_chunk(current, plan.total_channels, device))
     return tuple(chunks)
 
 
@@ -121,6 +164,12 @@ def _layer_tables(plan: Phase2Plan, device: torch.device) -> LayerTables:
     return plan.cached("phase2_steps.layers", device, build)
 
 
+def _budget(grads: Tensor, rows: int) -> int:
+    """Elements per chunk so that ``rows`` temporaries of a chunk stay within the budget."""
+    values = grads.numel() // CHUNK_FRACTION
+    return max(1, min(CHUNK_ELEMENTS, max(CHUNK_ELEMENTS_MIN, values)) // rows)
+
+
 def _segment_sum(x: Tensor, lengths: Tensor) -> Tensor:
     """Sum the last dimension of ``x: [..., M]`` in runs of ``lengths: [S]`` -> ``[..., S]``."""
     if x.device.type == "mps":  # no MPS segment_reduce in PyTorch yet: reduce on the CPU
@@ -134,21 +183,46 @@ def _segment_sum(x: Tensor, lengths: Tensor) -> Tensor:
     )
 
 
+def _blocks(rows: Tensor, chunk: Chunk) -> Tensor:
+    """``rows: [T, len]`` (the chunk) -> ``[T, num_blocks, BLOCK]``, a view."""
+    return rows[:, : chunk.num_blocks * BLOCK].view(rows.shape[0], chunk.num_blocks, BLOCK)
+
+
+def _top_blocks(source: Tensor, base: int, chunk: Chunk, task: Tensor) -> Tensor:
+    """``[num_blocks, BLOCK]``: block ``b`` of row ``task[b]`` of the chunk, which starts at
+    column ``base`` of ``source: [T, M]`` (contiguous).
+
+    One ``index_select`` of whole blocks from a view of every ``BLOCK`` consecutive elements
+    of the storage (overlapping windows, read only): a contiguous copy per block, as fast as
+    a plain read, where ``gather`` works element by element.
+    """
+    if chunk.num_blocks == 0:
+        return source.new_empty(0, BLOCK)
+    flat = source.view(-1)
+    windows = flat.as_strided((flat.numel() - BLOCK + 1, BLOCK), (1, 1))
+    blocks = BLOCK * torch.arange(chunk.num_blocks, device=source.device)
+    return windows.index_select(0, task * source.shape[1] + base + blocks)
+
+
 def channel_gram(grads: Tensor, plan: Phase2Plan) -> Tensor:
     """``grads: [T, N]`` -> ``[total_channels, T, T]``: ``<G_i[c], G_j[c]>`` per channel.
 
     Accumulates in fp32 (fp64 for fp64 input) and returns that dtype.
     """
     num_tasks = grads.shape[0]
+    pairs = num_tasks * num_tasks
     acc = accumulation_dtype(grads.dtype)
-    gram = torch.zeros(num_tasks * num_tasks, plan.total_channels, dtype=acc, device=grads.device)
-    budget = max(1, CHUNK_ELEMENTS // (num_tasks * num_tasks))
-    for chunk in _chunks(plan, grads.device, budget, gram=True):
-        x = grads[:, chunk.start : chunk.stop].to(acc)
-        products = (x[:, None, :] * x[None, :, :]).view(num_tasks * num_tasks, -1)  # [T*T, len]
-        sums = _segment_sum(products, chunk.lengths)  # [T*T, S_k]
-        gram.index_copy_(1, chunk.row_channel, sums.index_select(1, chunk.rows))
-    return gram.t().reshape(plan.total_channels, num_tasks, num_tasks)
+    gram = torch.zeros(plan.total_channels, pairs, dtype=acc, device=grads.device)
+    for chunk in _chunks(plan, grads.device, _budget(grads, num_tasks + 2), gram=True):
+        rows = grads[:, chunk.start : chunk.stop]
+        x = _blocks(rows, chunk).transpose(0, 1).to(acc)  # [blocks, T, BLOCK]
+        block_gram = torch.bmm(x, x.transpose(1, 2)).view(-1, pairs)  # [blocks, T*T]
+        loose = rows[:, chunk.elements].to(acc)  # [T, M]
+        loose_gram = (loose[:, None, :] * loose[None, :, :]).view(pairs, -1).t()  # [M, T*T]
+        items = torch.cat([block_gram, loose_gram]).index_select(0, chunk.item_order)
+        sums = torch.segment_reduce(items, "sum", lengths=chunk.row_items, axis=0, unsafe=True)
+        gram.index_copy_(0, chunk.row_channel, sums)
+    return gram.view(plan.total_channels, num_tasks, num_tasks)
 
 
 def projection_coefficients(
@@ -196,28 +270,29 @@ def project(
     sum elsewhere; ``projected[t] = G_t - coef[t, c] * G_top(c)`` when given."""
     num_tasks = grads.shape[0]
     acc = accumulation_dtype(grads.dtype)
-    top_ext = torch.cat([top, top.new_zeros(1)])  # gaps: task 0 with coefficient 0
+    top_ext = torch.cat([top, top.new_zeros(1)])  # channel C (no channel): task 0, no shrink
     coef_ext = torch.cat([coefficients.to(acc), coefficients.new_zeros(num_tasks, 1).to(acc)], 1)
     shrink_ext = coef_ext.sum(dim=0)
-    budget = max(1, CHUNK_ELEMENTS // (num_tasks + 2))
-    for chunk in _chunks(plan, grads.device, budget, gram=False):
-        span = slice(chunk.start, chunk.stop)
-        length = chunk.stop - chunk.start
-        g = grads[:, span].to(acc)
-        elem_top = torch.repeat_interleave(
-            top_ext[chunk.channel], chunk.lengths, output_size=length
-        )
-        top_rows = g.gather(0, elem_top[None, :])[0]  # [len]: G_top(c) at every element
-        shrink = torch.repeat_interleave(
-            shrink_ext[chunk.channel], chunk.lengths, output_size=length
-        )
-        if out.dtype == acc:
-            torch.sum(g, dim=0, out=out[span])
-            out[span].addcmul_(shrink, top_rows, value=-1)
-        else:  # bf16/fp16: one rounding, at the end
-            out[span].copy_(g.sum(dim=0) - shrink * top_rows)
+    for chunk in _chunks(plan, grads.device, _budget(grads, num_tasks + 4), gram=False):
+        g = grads[:, chunk.start : chunk.stop].to(acc)
+        # the plain sum, then - shrink * G_top on the row blocks and on the loose elements
+        result = out[chunk.start : chunk.stop] if out.dtype == acc else g.new_empty(g.shape[1])
+        torch.sum(g, dim=0, out=result)
+        blocks = _blocks(g, chunk)  # [T, blocks, BLOCK]
+        source, base = (grads, chunk.start) if grads.dtype == acc else (g, 0)
+        block_rows = _top_blocks(source, base, chunk, top_ext[chunk.block_channel])
+        block_shrink = shrink_ext[chunk.block_channel][:, None]
+        _blocks(result[None], chunk)[0].addcmul_(block_shrink, block_rows, value=-1)
+        loose = g[:, chunk.elements]  # [T, M]
+        loose_rows = loose.gather(0, top_ext[chunk.element_channel][None, :])[0]  # [M]
+        loose_shrink = shrink_ext[chunk.element_channel]
+        result.index_add_(0, chunk.elements, loose_rows * loose_shrink, alpha=-1)
+        if out.dtype != acc:  # bf16/fp16: one rounding, at the end
+            out[chunk.start : chunk.stop].copy_(result)
         if projected is not None:
-            coef = torch.repeat_interleave(
-                coef_ext[:, chunk.channel], chunk.lengths, dim=1, output_size=length
-            )
-            projected[:, span].copy_(g - coef * top_rows[None, :])
+            part = projected[:, chunk.start : chunk.stop]
+            part.copy_(g)
+            block_coef = coef_ext[:, chunk.block_channel][:, :, None]  # [T, blocks, 1]
+            _blocks(part, chunk).copy_(blocks - block_coef * block_rows[None])
+            loose_coef = coef_ext[:, chunk.element_channel]  # [T, M]
+            part[:, chunk.elements] = (loose - loose_coef * loose_rows[None]).to(part.dtype)

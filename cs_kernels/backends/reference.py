@@ -127,14 +127,13 @@ class ReferenceBackend(Backend):
             for i, members in groups:
                 if members.numel() == 0:
                     continue
-                block = g64[first + members.to(gram.device)]  # [|CG_i|, T, T]
-                norm_sq = block[:, i, i].sum()  # ||G_i[CG_i]||^2
+                channels = first + members.to(gram.device)
+                a = g64[channels, i, :].sum(dim=0)  # [T]: <G_i[CG_i], G_j[CG_i]> for every j
+                norm_sq = a[i]  # ||G_i[CG_i]||^2
                 if norm_sq == 0:
                     continue
-                for j in range(num_tasks):
-                    a = block[:, i, j].sum()  # <G_i[CG_i], G_j[CG_i]>
-                    if j != i and a < 0:
-                        coef[j, first + members.to(gram.device)] = a / norm_sq
+                conflict = (a < 0) & (torch.arange(num_tasks, device=gram.device) != i)
+                coef[:, channels] = torch.where(conflict, a / norm_sq, 0.0)[:, None]
         return coef.to(gram.dtype)
 
     def project(
@@ -155,9 +154,8 @@ class ReferenceBackend(Backend):
             g = original[:, span].reshape(num_tasks, layer.channels, layer.row_length)
             g_proj = work[:, span].view(num_tasks, layer.channels, layer.row_length)
             for c in range(layer.channels):
-                i = int(top[first + c])
-                for j in range(num_tasks):
-                    g_proj[j, c] -= coefficients[j, first + c].double() * g[i, c]
+                i = int(top[first + c])  # G'_j[c] = G_j[c] - coef[j, c] * G_i[c], every j
+                g_proj[:, c] -= coefficients[:, first + c, None].double() * g[i, c]
         out.copy_(work.sum(dim=0))
         if projected is not None:
             projected.copy_(work)
