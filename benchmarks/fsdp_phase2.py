@@ -23,7 +23,7 @@ for three ways of collecting the per-task gradients:
   its backward, then one reduce-scatter of the whole buffer.
 
 It prints the measured figures beside the analytic ones and, with ``--save``, writes them
-to ``benchmarks/results/fsdp-<machine>-<date>.json``.
+to ``benchmarks/results/fsdp-<device>-<date>.json``.
 
 Usage (from the repository root)::
 
@@ -38,7 +38,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import re
 import statistics
 import tempfile
@@ -227,22 +226,30 @@ def unsharded_params(model: nn.Module, names: list[str]) -> list[Tensor]:
 
 def deferred_collect(model: nn.Module, shared: list[Tensor], tasks: list[str], loss_fn) -> None:
     """Collection with FSDP2's reduce-scatter deferred: a hook moves every task's unsharded
-    gradient of the ``shared`` (unsharded) parameters into a ``[T, N]`` buffer (FSDP2 would
-    add the tasks together), then one reduce-scatter of the whole buffer, laid out rank-major
-    as a reduce-scatter needs, gives this rank's ``[T, N / W]``."""
+    gradient of the ``shared`` (unsharded) parameters straight into its place in the input of
+    one reduce-scatter, ``[W, T, N / W]`` (FSDP2 would add the tasks together), which then
+    gives this rank's ``[T, N / W]``: the least a deferred reduce-scatter must hold."""
     world = dist.get_world_size()
     offsets, total = {}, 0
     for p in shared:
         offsets[id(p)] = total
         total += p.numel()
-    rows = torch.zeros(len(tasks), total)
+    chunk = -(-total // world)
+    send = torch.zeros(world, len(tasks), chunk)
     row = [0]
 
     def keep(p: Tensor) -> None:
-        if p.grad is not None:
-            o = offsets[id(p)]
-            rows[row[0], o : o + p.numel()].copy_(p.grad.flatten())
-            p.grad = None
+        if p.grad is None:
+            return
+        flat, start = p.grad.view(-1), offsets[id(p)]
+        position = start
+        while position < start + flat.numel():  # the pieces of the rank chunks it spans
+            rank, column = divmod(position, chunk)
+            length = min(chunk - column, start + flat.numel() - position)
+            piece = flat[position - start : position - start + length]
+            send[rank, row[0], column : column + length].copy_(piece)
+            position += length
+        p.grad = None
 
     handles = [p.register_post_accumulate_grad_hook(keep) for p in shared]
     model.set_requires_gradient_sync(False)  # type: ignore[operator]
@@ -250,9 +257,6 @@ def deferred_collect(model: nn.Module, shared: list[Tensor], tasks: list[str], l
         for t, task in enumerate(tasks):
             row[0] = t
             loss_fn(task).backward()
-        chunk = -(-total // world)
-        padded = F.pad(rows, (0, chunk * world - total)).view(len(tasks), world, chunk)
-        send = padded.transpose(0, 1).contiguous()  # [W, T, N / W]: rank r's rows together
         out = torch.empty(len(tasks) * chunk)
         dist.reduce_scatter_tensor(out, send.view(-1), op=dist.ReduceOp.SUM)
     finally:
@@ -345,7 +349,7 @@ def analytic(world: int, tasks: int, n: int, channels: int, buffers: int) -> dic
         * mb,
         "rows held, ddp: [T, N] + [N]": (tasks + 1) * n * mb,
         "rows held, fsdp: [T, N/W] + [N/W]": (tasks + 1) * n / world * mb,
-        "rows held, fsdp deferred: [T, N] unsharded + [T, N] reduce-scatter input": 2 * tn,
+        "rows held, fsdp deferred: [T, N] unsharded (the reduce-scatter input)": tn,
     }
 
 
@@ -405,7 +409,8 @@ def main() -> None:
         print(f"  {key}: {value:,.2f}")
     if args.save:
         stamp = dt.datetime.now(dt.timezone.utc)
-        name = f"fsdp-{platform.node() or 'machine'}-{stamp:%Y-%m-%d}.json"
+        slug = re.sub(r"[^a-z0-9]+", "-", where.lower()).strip("-")
+        name = f"fsdp-{slug}-{stamp:%Y-%m-%d}.json"
         RESULTS.mkdir(exist_ok=True)
         record = {
             "device": device_name(torch.device("cpu")),
