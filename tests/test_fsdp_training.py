@@ -344,5 +344,5 @@ def test_bad_input_raises_on_every_rank() -> None:
         assert "ranks disagree on tasks" in errors["tasks"], (rank, errors["tasks"])
         assert "ranks disagree on the connections" in errors["connections"], rank
         assert "conv1.weight" in errors["dim1"] and "Shard(dim=1)" in errors["dim1"], errors
-        assert "conv2.weight is not sharded" in errors["unsharded"], errors["unsharded"]
+        assert "parameter conv2.weight is not sharded" in errors["unsharded"], errors["unsharded"]
         assert "mixes DistributedDataParallel and FSDP2" in errors["ddp"], errors["ddp"]

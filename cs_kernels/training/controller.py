@@ -211,7 +211,7 @@ class ConnectionStrength:
         else:
             names = {id(p): n for n, p in inner.named_parameters()}
             connected = {id(c.weight) for c in self.connections}
-            for p in params:
+            for p in (*params, *self.task_parameters):
                 check_layout(names[id(p)], p, mesh, whole_rows=id(p) in connected)
             connected_layers = [(c.name, c.channels, c.kind, c.source) for c in self.connections]
             check_agreement({"the connections": connected_layers}, mesh)

@@ -169,8 +169,9 @@ def check_layout(name: str, param: Tensor, mesh: Mesh, *, whole_rows: bool) -> N
     holds whole output channels)."""
     if not is_dtensor(param):
         raise ValueError(
-            f"shared parameter {name} is not sharded: under FSDP2 every shared parameter must "
-            "belong to a fully_shard-ed module (its per-task gradients are reduced by FSDP2)"
+            f"parameter {name} is not sharded: under FSDP2 every trainable parameter must "
+            "belong to a fully_shard-ed module (FSDP2 averages its gradients across ranks; "
+            "nothing else would)"
         )
     if param.device_mesh != mesh.mesh:  # type: ignore[attr-defined]
         raise ValueError(f"parameter {name} is sharded over another device mesh")
