@@ -15,7 +15,8 @@ channel splits (5 and 7 channels over 2 and 3 ranks), a layer with fewer channel
 - Collectives per step are counted: one all-reduce per Phase 2 step (and per Phase 1 step,
   for the buffers) besides FSDP2's own reduce-scatters, one per FSDP group and task.
 - Bad input raises on every rank, never hangs: ranks with other tasks or connections, a
-  weight sharded along dim 1, a shared parameter left unsharded, DDP mixed with FSDP2.
+  weight sharded along dim 1 or split into other rows than FSDP2's, a parameter left
+  unsharded, DDP mixed with FSDP2.
 """
 
 from __future__ import annotations
@@ -213,6 +214,22 @@ def bad_inputs(rank: int, world: int) -> dict[str, str]:
     mixed.conv2 = nn.parallel.DistributedDataParallel(mixed.conv2)
     fully_shard(mixed.conv1)
     errors["ddp"] = raised(lambda: ConnectionStrength(mixed, TASKS, x))
+
+    # rows split 1 | 4 instead of torch.chunk's 3 | 2: not FSDP2's layout of whole channels
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor
+
+    from cs_kernels.training.fsdp import Mesh, check_layout
+
+    layer = nn.Linear(3, 5)
+    local = torch.zeros(1 if rank == 0 else 4, 3)
+    mesh = init_device_mesh("cpu", (world,))
+    layer.weight = nn.Parameter(
+        DTensor.from_local(local, mesh, [Shard(0)], run_check=False, shape=(5, 3), stride=(3, 1))
+    )
+    errors["rows"] = raised(
+        lambda: check_layout("odd.weight", layer.weight, Mesh(layer), whole_rows=True)
+    )
     return errors
 
 
@@ -346,3 +363,4 @@ def test_bad_input_raises_on_every_rank() -> None:
         assert "conv1.weight" in errors["dim1"] and "Shard(dim=1)" in errors["dim1"], errors
         assert "parameter conv2.weight is not sharded" in errors["unsharded"], errors["unsharded"]
         assert "mixes DistributedDataParallel and FSDP2" in errors["ddp"], errors["ddp"]
+        assert "odd.weight" in errors["rows"] and "whole channels" in errors["rows"], errors
