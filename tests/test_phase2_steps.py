@@ -47,6 +47,8 @@ def test_steps_compose_to_phase2(case: Case, dtype: torch.dtype, device: torch.d
             backend="reference",
         )  # fmt: skip
         for backend in BACKENDS:
+            if backend == "reference" and dtype != torch.float64:
+                continue  # the oracle computes in float64 whatever the input: once is enough
             what = f"{backend} {mode}/{uniform}"
             combined, per_task = stepwise(grads, case.plan, top, mode, uniform, backend)
             assert_close(combined, expected, dtype, what)
