@@ -6,6 +6,8 @@ every backend follows is restated in ALGORITHM.md; the README lists the backends
 Public API (autograd-free):
     batchnorm_scale, channel_strength, top_priority, plan_top_priority  -- strength
     project_layer, phase2, phase2_from_weights, Phase2Plan              -- Phase 2
+    plan_row_sqnorm, channel_gram, projection_coefficients, apply_projection
+                                                   -- Phase 2 in steps (sharded models)
     available_backends, backend_status                                  -- dispatch
     ConnectionStrength, connect, discover_connections, PriorityTelemetry -- training
 """
@@ -15,6 +17,12 @@ from cs_kernels.backends import (
     available_backends,
     backend_names,
     backend_status,
+)
+from cs_kernels.phase2_steps import (
+    apply_projection,
+    channel_gram,
+    plan_row_sqnorm,
+    projection_coefficients,
 )
 from cs_kernels.plan import ConnectionLayer, Phase2Plan
 from cs_kernels.projection import phase2, phase2_from_weights, project_layer
@@ -37,17 +45,21 @@ __all__ = [
     "ConnectionStrength",
     "Phase2Plan",
     "PriorityTelemetry",
+    "apply_projection",
     "available_backends",
     "backend_names",
     "backend_status",
     "batchnorm_scale",
+    "channel_gram",
     "channel_strength",
     "connect",
     "discover_connections",
     "phase2",
     "phase2_from_weights",
+    "plan_row_sqnorm",
     "plan_top_priority",
     "project_layer",
+    "projection_coefficients",
     "top_priority",
 ]
 __version__ = "0.1.0"

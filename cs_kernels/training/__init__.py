@@ -1,5 +1,5 @@
 """Training integration: connection discovery, zero-copy gradient collection, the
-`ConnectionStrength` controller, priority telemetry and DDP support.
+`ConnectionStrength` controller, priority telemetry, DDP and FSDP2 (``fully_shard``) support.
 
     from cs_kernels.training import ConnectionStrength, connect, discover_connections
 """
