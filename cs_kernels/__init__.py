@@ -1,13 +1,14 @@
 """cs_kernels: fast connection strength-based multi-task optimization.
 
 Jeong & Yoon, "Quantifying Task Priority for Multi-Task Optimization", CVPR 2024. The math
-every backend follows is restated in ALGORITHM.md; the README lists the backends.
+every backend follows is restated in docs/algorithm.md; the README lists the backends.
 
 Public API (autograd-free):
     batchnorm_scale, channel_strength, top_priority, plan_top_priority  -- strength
     project_layer, phase2, phase2_from_weights, Phase2Plan              -- Phase 2
     available_backends, backend_status                                  -- dispatch
     ConnectionStrength, connect, discover_connections, PriorityTelemetry -- training
+    task_norms, task_scope, TaskNorm                                    -- bring your own model
 """
 
 from cs_kernels.backends import (
@@ -27,8 +28,12 @@ from cs_kernels.strength import (
 from cs_kernels.training import (
     ConnectionStrength,
     PriorityTelemetry,
+    TaskNorm,
+    TaskScopeError,
     connect,
     discover_connections,
+    task_norms,
+    task_scope,
 )
 
 __all__ = [
@@ -37,6 +42,8 @@ __all__ = [
     "ConnectionStrength",
     "Phase2Plan",
     "PriorityTelemetry",
+    "TaskNorm",
+    "TaskScopeError",
     "available_backends",
     "backend_names",
     "backend_status",
@@ -48,6 +55,8 @@ __all__ = [
     "phase2_from_weights",
     "plan_top_priority",
     "project_layer",
+    "task_norms",
+    "task_scope",
     "top_priority",
 ]
 __version__ = "0.1.0"
