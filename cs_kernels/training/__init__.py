@@ -14,7 +14,7 @@ from cs_kernels.training.discovery import (
     connect,
     discover_connections,
 )
-from cs_kernels.training.task_norms import TaskNorm, TaskScopeError, task_norms, task_scope
+from cs_kernels.training.per_task_norms import TaskNorm, TaskScopeError, task_norms, task_scope
 from cs_kernels.training.telemetry import PriorityTelemetry
 
 __all__ = [
