@@ -208,3 +208,24 @@ def test_timm_frozen_batchnorm_act() -> None:
     x = torch.randn(2, 3, 64, 64)
     with ck.task_scope(body, "seg"):
         torch.testing.assert_close(body(x), reference(x))
+
+
+def test_timm_vit_pre_norm_blocks() -> None:
+    """proj and fc2 write the residual stream that the next per-task LayerNorm scales."""
+    timm = library("timm")
+    torch.manual_seed(0)
+    body = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, num_classes=8)
+    model = WithHeads(body, 8)
+    x = torch.randn(2, 3, 32, 32)
+    cs = ck.ConnectionStrength(model, TASKS, x)
+    links = {c.name: c.links["seg"].name for c in cs.connections if c.kind == "layernorm"}
+    depth = len(body.blocks)
+    expected = {}
+    for i in range(depth):
+        expected[f"body.blocks.{i}.attn.proj.weight"] = f"body.blocks.{i}.norm2.seg"
+        after = f"body.blocks.{i + 1}.norm1.seg" if i + 1 < depth else "body.norm.seg"
+        expected[f"body.blocks.{i}.mlp.fc2.weight"] = after
+    assert links == expected
+    y = {t: torch.randint(0, 2, (2,)) for t in TASKS}
+    cs.phase2_backward(lambda t: nn.functional.cross_entropy(model(x, t), y[t]))
+    assert all(p.grad is not None for p in cs.shared_parameters)
