@@ -58,6 +58,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -133,8 +134,19 @@ def build(args: argparse.Namespace, device: torch.device):  # type: ignore[no-un
     return model, tasks, x, loss_fn, optimizer
 
 
-def make_step(method: str, args: argparse.Namespace, device: torch.device):  # type: ignore[no-untyped-def]
-    """Build everything for ``method``; returns (step function, extra facts)."""
+@dataclass
+class Setup:
+    """One method ready to time: ``step()`` runs a training step and returns the seconds it
+    spent combining gradients; ``facts`` go into the table's row."""
+
+    step: StepFn
+    facts: dict[str, object]
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+
+
+def make_step(method: str, args: argparse.Namespace, device: torch.device) -> Setup:
+    """Build the model, batch and optimizer (from ``args.seed``) and the step of ``method``."""
     model, tasks, x, loss_fn, optimizer = build(args, device)
     shared = model.shared_parameters()
     numel = sum(p.numel() for p in shared)
@@ -152,7 +164,7 @@ def make_step(method: str, args: argparse.Namespace, device: torch.device):  # t
             optimizer.step()
             return 0.0
 
-        return step, facts
+        return Setup(step, facts, model, optimizer)
 
     if method == BACKWARD:
 
@@ -163,7 +175,7 @@ def make_step(method: str, args: argparse.Namespace, device: torch.device):  # t
             optimizer.step()
             return 0.0
 
-        return step, facts
+        return Setup(step, facts, model, optimizer)
 
     if method.startswith("ours"):
         cs = ck.ConnectionStrength(model, tasks, x)
@@ -176,7 +188,7 @@ def make_step(method: str, args: argparse.Namespace, device: torch.device):  # t
                 cs.phase1_step(optimizer, loss_fn)
                 return 0.0
 
-            return step, facts
+            return Setup(step, facts, model, optimizer)
 
         def step() -> float:
             cs.collect(loss_fn)
@@ -197,7 +209,7 @@ def make_step(method: str, args: argparse.Namespace, device: torch.device):  # t
             return statistics.median(times)
 
         facts["floor"] = floor
-        return step, facts
+        return Setup(step, facts, model, optimizer)
 
     shared_ids = {id(p) for p in shared}
     rows = len(tasks)
@@ -243,7 +255,7 @@ def make_step(method: str, args: argparse.Namespace, device: torch.device):  # t
             optimizer.step()
             return seconds
 
-        return step, facts
+        return Setup(step, facts, model, optimizer)
 
     if method in TORCHJD:
         from torchjd.aggregation import CAGrad, PCGrad, UPGrad
@@ -275,7 +287,7 @@ def make_step(method: str, args: argparse.Namespace, device: torch.device):  # t
             optimizer.step()
             return seconds
 
-        return step, facts
+        return Setup(step, facts, model, optimizer)
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")
 
 
@@ -291,9 +303,10 @@ def worker(args: argparse.Namespace) -> dict[str, object]:
     """Time ``args.method`` on one configuration in this (fresh) process."""
     device = torch.device(args.device)
     try:
-        step, facts = make_step(args.method, args, device)
+        setup = make_step(args.method, args, device)
     except ImportError as exc:  # an optional package of a baseline (torchjd, quadprog)
         return {"method": args.method, "skipped": f"{type(exc).__name__}: {exc}"}
+    step, facts = setup.step, setup.facts
     for _ in range(args.warmup):
         step()
     totals, cpu, combines = [], [], []
