@@ -140,6 +140,7 @@ def test_compiled_torchvision_resnet_under_scopes() -> None:
         net.bn1["depth"].bias.fill_(1.0)  # the tasks' outputs differ
     twin = copy.deepcopy(net)
     torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
     compiled = torch.compile(net, fullgraph=True, backend="aot_eager")
     x = torch.randn(2, 3, 32, 32)
     outs = {}

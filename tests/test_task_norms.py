@@ -326,6 +326,7 @@ def test_dataparallel_on_two_gpus() -> None:  # pragma: no cover - GPU machines 
 @pytest.fixture
 def fresh_dynamo():  # type: ignore[no-untyped-def]
     torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()  # reset() keeps the counters of earlier tests
     yield torch._dynamo.utils.counters
     torch._dynamo.reset()
 
