@@ -363,19 +363,23 @@ def worker_options(args: argparse.Namespace) -> dict[str, object]:
 
 
 def derive(rows: list[dict]) -> None:  # type: ignore[type-arg]
-    """Add the ratios to the per-task backward step of the same configuration."""
+    """Add the ratios to the per-task backward step of the same configuration (rows of a
+    configuration whose backward step is not measured yet get none)."""
     for row in rows:
         base = next(
-            r
-            for r in rows
-            if r["backbone"] == row["backbone"]
-            and r["tasks"] == row["tasks"]
-            and r["method"] == BACKWARD
+            (
+                r
+                for r in rows
+                if r["backbone"] == row["backbone"]
+                and r["tasks"] == row["tasks"]
+                and r["method"] == BACKWARD
+            ),
+            None,
         )
-        row["x_backward"] = row["ms"] / base["ms"]
         row["share"] = None if row["combine_ms"] is None else row["combine_ms"] / row["ms"]
-        row["extra_bytes"] = row["peak_bytes"] - base["peak_bytes"]
         row["buffer_bytes"] = row["tasks"] * row["N"] * 4
+        row["x_backward"] = None if base is None else row["ms"] / base["ms"]
+        row["extra_bytes"] = None if base is None else row["peak_bytes"] - base["peak_bytes"]
 
 
 def markdown(rows: Sequence[dict]) -> str:  # type: ignore[type-arg]
@@ -389,20 +393,25 @@ def markdown(rows: Sequence[dict]) -> str:  # type: ignore[type-arg]
         combine = "-" if r["combine_ms"] is None else f"{r['combine_ms']:.1f}"
         share = "-" if r["share"] is None else f"{100 * r['share']:.1f}%"
         lo, hi = min(r["times_ms"]), max(r["times_ms"])
+        extra = None if r["extra_bytes"] is None else r["extra_bytes"] / mb
         lines.append(
             f"| {r['backbone']} | {r['N']:,} | {r['tasks']} | {r['method']} "
-            f"| {r['ms']:.0f} ({lo:.0f}-{hi:.0f}) | {r['x_backward']:.2f} | {r['cpu_ms']:.0f} "
-            f"| {combine} | {share} "
-            f"| {r['peak_bytes'] / mb:.0f} | {r['extra_bytes'] / mb:+.0f} "
+            f"| {r['ms']:.0f} ({lo:.0f}-{hi:.0f}) | {_num(r['x_backward'], '.2f')} "
+            f"| {r['cpu_ms']:.0f} | {combine} | {share} "
+            f"| {r['peak_bytes'] / mb:.0f} | {_num(extra, '+.0f')} "
             f"| {r['buffer_bytes'] / mb:.0f} |"
         )
     return "\n".join(lines)
 
 
+def _num(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
 def verdicts(rows: Sequence[dict]) -> list[str]:  # type: ignore[type-arg]
     out = []
     for r in rows:
-        if r["method"] != OURS:
+        if r["method"] != OURS or r["x_backward"] is None:
             continue
         where = f"{r['backbone']}, T = {r['tasks']}"
         floor = f"{r['combine_ms'] / r['floor_ms']:.1f}x the floor" if r["floor_ms"] else ""
@@ -476,35 +485,48 @@ def main(argv: Sequence[str] | None = None) -> None:
                     f"({time.perf_counter() - start:.0f} s)",
                     file=sys.stderr,
                 )
-    if BACKWARD not in args.methods:
-        raise SystemExit("the table needs the per-task backward step as its reference")
-    derive(rows)
+                derive(rows)
+                if args.save:
+                    save(rows, skipped, args, device, when, load_start)
     print(markdown(rows))
     for line in verdicts(rows):
         print(f"- {line}")
     for method, why in skipped.items():
         print(f"- {method}: not run ({why})")
     if args.save:
-        payload = {
-            "device": device_name(device),
-            "device_type": device.type,
-            "threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-            "git_commit": git("rev-parse", "HEAD"),
-            "git_dirty": bool(git("status", "--porcelain")),
-            "load_average_1min": {"start": load_start, "end": os.getloadavg()[0]},
-            "date": when.isoformat(timespec="seconds"),
-            "memory": "cuda max_memory_allocated" if device.type == "cuda" else "ru_maxrss",
-            "config": {k: v for k, v in vars(args).items() if k not in ("save", "worker")},
-            "rows": rows,
-            "skipped": skipped,
-        }
-        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-        slug = re.sub(r"[^a-z0-9]+", "-", device_name(device).lower()).strip("-")
-        path = RESULTS_DIR / f"{slug}-{when:%Y-%m-%d}-step.json"
-        path.write_text(json.dumps(payload, indent=2) + "\n")
-        print(f"\nsaved {path.relative_to(ROOT)}", file=sys.stderr)
+        print(f"saved {save(rows, skipped, args, device, when, load_start)}", file=sys.stderr)
+
+
+def save(
+    rows: list[dict],  # type: ignore[type-arg]
+    skipped: dict[str, str],
+    args: argparse.Namespace,
+    device: torch.device,
+    when: dt.datetime,
+    load_start: float,
+) -> Path:
+    """Write ``benchmarks/results/<device>-<date>-step.json`` (after every row: a run cut
+    short keeps what it measured)."""
+    payload = {
+        "device": device_name(device),
+        "device_type": device.type,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "git_commit": git("rev-parse", "HEAD"),
+        "git_dirty": bool(git("status", "--porcelain")),
+        "load_average_1min": {"start": load_start, "end": os.getloadavg()[0]},
+        "date": when.isoformat(timespec="seconds"),
+        "memory": "cuda max_memory_allocated" if device.type == "cuda" else "ru_maxrss",
+        "config": {k: v for k, v in vars(args).items() if k not in ("save", "worker")},
+        "rows": rows,
+        "skipped": skipped,
+    }
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    slug = re.sub(r"[^a-z0-9]+", "-", device_name(device).lower()).strip("-")
+    path = RESULTS_DIR / f"{slug}-{when:%Y-%m-%d}-step.json"
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    return path.relative_to(ROOT)
 
 
 if __name__ == "__main__":
