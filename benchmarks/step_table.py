@@ -469,6 +469,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"batch {args.batch} x {args.size}x{args.size}, load {load_start:.2f}",
         file=sys.stderr,
     )
+    args.git = {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain"))}
     rows, skipped = [], {}
     for backbone in args.backbones:
         for tasks in args.task_counts:
@@ -513,12 +514,12 @@ def save(
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "python": platform.python_version(),
-        "git_commit": git("rev-parse", "HEAD"),
-        "git_dirty": bool(git("status", "--porcelain")),
+        "git_commit": args.git["commit"],  # at the start: the JSON itself dirties the tree
+        "git_dirty": args.git["dirty"],
         "load_average_1min": {"start": load_start, "end": os.getloadavg()[0]},
         "date": when.isoformat(timespec="seconds"),
         "memory": "cuda max_memory_allocated" if device.type == "cuda" else "ru_maxrss",
-        "config": {k: v for k, v in vars(args).items() if k not in ("save", "worker")},
+        "config": {k: v for k, v in vars(args).items() if k not in ("save", "worker", "git")},
         "rows": rows,
         "skipped": skipped,
     }
