@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 READY  := $(VENV)/.cs_kernels_ready
 
-.PHONY: setup build test test-fast lint cuda-check demo reproduce bench clean
+.PHONY: setup build test test-fast test-models lint cuda-check demo reproduce bench clean
 
 setup: $(READY)
 
@@ -24,6 +24,12 @@ test: $(READY)
 	$(PY) tools/check_cuda_compile.py
 	CS_KERNELS_REQUIRE_CPU=1 $(PY) -m pytest -q tests
 
+# The real torchvision/timm models (tests/test_real_models.py) in an interpreter that imports
+# them: .venv where it does (GPU machines), else .venv-models (created on first use: a CUDA build
+# of torch that runs on the CPU, with torchvision and timm; about 5.5 GB).
+test-models: $(READY)
+	$(PYTHON) tools/models_env.py --main $(PY) --venv .venv-models
+
 # Compile-only check of the CUDA kernels (sm_80, sm_90); skipped with a message without nvcc.
 cuda-check: $(READY)
 	$(PY) tools/check_cuda_compile.py
@@ -41,6 +47,7 @@ reproduce: $(READY)
 bench: $(READY)
 	$(PY) benchmarks/phase2_table.py --save
 	$(PY) -m pytest -q benchmarks --benchmark-only --benchmark-json=benchmarks/results/pytest-benchmark-latest.json
+	$(PY) benchmarks/step_table.py --save
 
 clean:
 	rm -rf $(VENV) build *.egg-info cs_kernels/*.so

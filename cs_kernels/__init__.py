@@ -1,7 +1,7 @@
 """cs_kernels: fast connection strength-based multi-task optimization.
 
 Jeong & Yoon, "Quantifying Task Priority for Multi-Task Optimization", CVPR 2024. The math
-every backend follows is restated in ALGORITHM.md; the README lists the backends.
+every backend follows is restated in docs/algorithm.md; the README lists the backends.
 
 Public API (autograd-free):
     batchnorm_scale, channel_strength, top_priority, plan_top_priority  -- strength
@@ -10,6 +10,7 @@ Public API (autograd-free):
                                                    -- Phase 2 in steps (sharded models)
     available_backends, backend_status                                  -- dispatch
     ConnectionStrength, connect, discover_connections, PriorityTelemetry -- training
+    task_norms, task_scope, TaskNorm                                    -- bring your own model
 """
 
 from cs_kernels.backends import (
@@ -35,8 +36,12 @@ from cs_kernels.strength import (
 from cs_kernels.training import (
     ConnectionStrength,
     PriorityTelemetry,
+    TaskNorm,
+    TaskScopeError,
     connect,
     discover_connections,
+    task_norms,
+    task_scope,
 )
 
 __all__ = [
@@ -45,6 +50,8 @@ __all__ = [
     "ConnectionStrength",
     "Phase2Plan",
     "PriorityTelemetry",
+    "TaskNorm",
+    "TaskScopeError",
     "apply_projection",
     "available_backends",
     "backend_names",
@@ -60,6 +67,8 @@ __all__ = [
     "plan_top_priority",
     "project_layer",
     "projection_coefficients",
+    "task_norms",
+    "task_scope",
     "top_priority",
 ]
 __version__ = "0.1.0"

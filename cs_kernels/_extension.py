@@ -7,6 +7,7 @@ The package imports without it; `load_error()` then says what failed and how to 
 from __future__ import annotations
 
 import importlib
+import os
 
 import torch
 
@@ -53,6 +54,10 @@ def load() -> bool:
     global _error, _loaded
     if _loaded or _error is not None:
         return _loaded
+    if os.environ.get("CS_KERNELS_NO_EXTENSION", "") == "1":
+        # e.g. beside a different torch than the one the extension was built for
+        _error = "the compiled extension is disabled by CS_KERNELS_NO_EXTENSION=1"
+        return False
     try:
         importlib.import_module("cs_kernels._C")
     except ImportError as exc:

@@ -34,7 +34,19 @@ collect_ignore = [name for name, missing in MISSING.items() if missing]
 
 
 def pytest_report_header() -> list[str]:
-    return [f"left out {name}: {', '.join(MISSING[name])} not installed" for name in collect_ignore]
+    from tests.model_libraries import header
+
+    left_out = [
+        f"left out {name}: {', '.join(MISSING[name])} not installed" for name in collect_ignore
+    ]
+    return [*left_out, header()]
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """The header's model-library line again at the end: ``-q`` runs hide the header."""
+    from tests.model_libraries import header
+
+    terminalreporter.write_line(header())
 
 
 # Every backend except the oracle, that can run on DEVICE here.

@@ -1,5 +1,6 @@
 """Training integration: connection discovery, zero-copy gradient collection, the
-`ConnectionStrength` controller, priority telemetry, DDP and FSDP2 (``fully_shard``) support.
+`ConnectionStrength` controller, priority telemetry, DDP and FSDP2 (``fully_shard``) support,
+and per-task norms for models written without tasks (`task_norms`, `task_scope`).
 
     from cs_kernels.training import ConnectionStrength, connect, discover_connections
 """
@@ -13,6 +14,7 @@ from cs_kernels.training.discovery import (
     connect,
     discover_connections,
 )
+from cs_kernels.training.per_task_norms import TaskNorm, TaskScopeError, task_norms, task_scope
 from cs_kernels.training.telemetry import PriorityTelemetry
 
 __all__ = [
@@ -22,6 +24,10 @@ __all__ = [
     "PriorityTelemetry",
     "Registration",
     "TaskLink",
+    "TaskNorm",
+    "TaskScopeError",
     "connect",
     "discover_connections",
+    "task_norms",
+    "task_scope",
 ]

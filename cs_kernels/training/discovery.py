@@ -1,6 +1,6 @@
 """Connection discovery: which shared Conv/Linear weights feed task-specific connections.
 
-A *connection* (ALGORITHM.md, "Connection strength") is a shared weight ``W: [C, ...]``
+A *connection* (docs/algorithm.md, "Connection strength") is a shared weight ``W: [C, ...]``
 whose output channels each task reaches through its own parameters: a per-task
 BatchNorm/LayerNorm/GroupNorm right after the layer, or a per-task Linear head that reads the
 layer's output. `discover_connections` finds them from the model's structure, traced once on
@@ -289,8 +289,8 @@ class TaskTrace:
 
     reached: set[int] = field(default_factory=set)  # ids of parameters reached
     called: set[int] = field(default_factory=set)  # ids of modules called
-    # id(consumer module) -> (id(producer module), producer output shape, strict path)
-    feeds: dict[int, list[tuple[int, tuple[int, ...], bool]]] = field(default_factory=dict)
+    # id(consumer module) -> the producers reaching its input
+    feeds: dict[int, list[Feed]] = field(default_factory=dict)
     # id(consumer module) -> ids of every producer module upstream of its input
     upstream: dict[int, set[int]] = field(default_factory=dict)
 
@@ -336,22 +336,61 @@ def _tensors_in(value: object) -> Iterator[Tensor]:
             yield from _tensors_in(v)
 
 
-def _walk_strict(node: Node | None, producers: Mapping[Node, object], head: bool) -> Node | None:
-    """Follow single-input channel-preserving nodes up from ``node`` to a producer output."""
-    allowed = _ELEMENTWISE | _POOL_OR_VIEW if head else _ELEMENTWISE
-    for _ in range(_MAX_PATH):
-        if node is None:
-            return None
-        if node in producers:
-            return node
-        if _op_name(node) not in allowed:
-            return None
-        inputs = [n for n, _ in node.next_functions if n is not None]
-        inputs = [n for n in inputs if n.name() != "torch::autograd::AccumulateGrad"]
-        if len(inputs) != 1:
-            return None
-        node = inputs[0]
-    return None
+# Views that move the channel dimension without mixing channels (a channels-last LayerNorm
+# after a conv); accepted on the way to a norm that scales each channel alone.
+_LAYOUT = frozenset({"Permute", "Transpose"})
+# Residual sums: both summands keep their channels, so a norm after ``x + f(x)`` scales the
+# channels that ``f``'s last layer writes (pre-norm transformers, pre-activation ResNets).
+_RESIDUAL = frozenset({"Add", "Sub"})
+
+
+@dataclass(frozen=True)
+class Feed:
+    """A producer's output reaching a consumer module's input.
+
+    Attributes:
+        producer: id of the Conv/Linear module.
+        shape: the producer's output shape.
+        rank: how directly: 0 channel-preserving ops only, 1 through one residual sum,
+            2 through pooling or flattening; lower wins.
+        moved: the channel dimension was permuted on the way.
+    """
+
+    producer: int
+    shape: tuple[int, ...]
+    rank: int
+    moved: bool
+
+
+def _graph_inputs(node: Node) -> list[Node]:
+    inputs = [n for n, _ in node.next_functions if n is not None]
+    return [n for n in inputs if n.name() != "torch::autograd::AccumulateGrad"]
+
+
+def _walk(
+    node: Node | None, producers: Mapping[Node, object], *, pool: bool, residual: bool
+) -> list[tuple[Node, bool]]:
+    """Producer outputs reached upward from ``node`` through channel-preserving ops.
+
+    ``pool`` also crosses pooling and views (for heads), ``residual`` one two-input sum (both
+    summands are followed). Returns ``(producer node, channel dimension moved)`` pairs.
+    """
+    allowed = _ELEMENTWISE | _POOL_OR_VIEW if pool else _ELEMENTWISE
+    found: list[tuple[Node, bool]] = []
+    stack: list[tuple[Node | None, int, bool, int]] = [(node, 0, False, 0)]
+    while stack:
+        n, sums, moved, steps = stack.pop()
+        if n is None or steps > _MAX_PATH:
+            continue
+        if n in producers:
+            found.append((n, moved))
+            continue
+        op, inputs = _op_name(n), _graph_inputs(n)
+        if len(inputs) == 1 and (op in allowed or (op in _LAYOUT and not pool)):
+            stack.append((inputs[0], sums, moved or op in _LAYOUT, steps + 1))
+        elif residual and sums == 0 and op in _RESIDUAL and len(inputs) == 2:
+            stack.extend((m, 1, moved, steps + 1) for m in inputs)
+    return found
 
 
 def _upstream(node: Node | None, producers: Mapping[Node, int]) -> set[int]:
@@ -458,12 +497,14 @@ def _trace_task(
     producer_ids = {node: pid for node, (pid, _) in producers.items()}
     for consumer in consumers:
         key = id(consumer.module)
-        for head in (False, True):
-            node = _walk_strict(consumer.node, producers, head)
-            if node is not None:
+        # The most direct kind of path wins: plain, then through a residual sum, then pooled.
+        for rank, (pool, residual) in enumerate(((False, False), (False, True), (True, False))):
+            reached = _walk(consumer.node, producers, pool=pool, residual=residual)
+            for node, moved in reached:
                 pid, shape = producers[node]
                 if pid != key:
-                    trace.feeds.setdefault(key, []).append((pid, shape, not head))
+                    trace.feeds.setdefault(key, []).append(Feed(pid, shape, rank, moved))
+            if reached:
                 break
         if key in watched:
             trace.upstream.setdefault(key, set()).update(_upstream(consumer.node, producer_ids))
@@ -489,21 +530,24 @@ def _links_of(
             name, module = trace.modules[key]
             if trace.owner_task(module) != task:
                 continue  # shared (or unused) consumers are not task-specific connections
-            for pid, shape, strict in feeds:
-                if pid != id(producer):
+            for feed in feeds:
+                if feed.producer != id(producer):
                     continue
                 if isinstance(module, NORM_TYPES):
                     try:
                         link = _module_link(module, name, channels, channel_first, name)
                     except ValueError:
                         continue  # e.g. a norm over a flattened map: no per-channel scale
-                    candidates.append((0 if strict else 1, link))
-                elif _head_fits(module, shape, channels, channel_first):
+                    if feed.moved and link.group != 1:
+                        continue  # a permuted map under a multi-entry scale: no clear channel
+                    candidates.append((feed.rank, link))
+                elif _head_fits(module, feed.shape, channels, channel_first):
                     link = _module_link(module, name, channels, channel_first, name)
-                    candidates.append((2, link))
+                    candidates.append((3, link))
         if not candidates:
             return {}, f"task {task!r} reaches it without a task-specific norm or head"
-        # A norm right after the layer wins over one after pooling, which wins over a head.
+        # A norm right after the layer wins over one after a residual sum, then one after
+        # pooling, then a head.
         links[task] = min(candidates, key=lambda c: c[0])[1]
     return links, None
 
@@ -622,6 +666,17 @@ def resolve_registration(
     return Connection(weight_name, weight, links, source="registered")
 
 
+def coverage_line(connections: Sequence[Connection], shared_numel: int) -> str:
+    """How much of the shared parameters Phase 2 projects: the elements of the connection
+    layers over all shared elements (the rest, biases and unconnected layers, is summed)."""
+    in_layers = sum(c.weight.numel() for c in connections)
+    share = 100.0 * in_layers / shared_numel if shared_numel else 0.0
+    return (
+        f"coverage: {share:.1f}% of the shared parameter elements ({in_layers:,} of "
+        f"{shared_numel:,}) are in connection layers; the rest is plainly summed"
+    )
+
+
 def format_summary(
     connections: Sequence[Connection],
     tasks: Sequence[str],
@@ -642,6 +697,7 @@ def format_summary(
     head = f"{len(connections)} connection layer(s), {total} channels, tasks {list(tasks)}"
     if shared_numel is not None:
         head += f"; {shared_count} shared parameter tensor(s), {shared_numel} elements"
+        lines.insert(0, coverage_line(connections, shared_numel))
     lines.insert(0, head)
     for name, reason in skipped:
         lines.append(f"plainly summed: {name} ({reason})")
