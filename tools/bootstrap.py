@@ -110,15 +110,24 @@ def install_package(python: Path) -> bool:
     return True
 
 
-def gpu_toolchain_python(root: Path = ROOT) -> tuple[Path | None, str]:
-    """The GPU toolchain environment's python, or None and why it is not usable."""
-    python = venv_python(root / GPU_TOOLCHAIN_VENV)
+def gpu_toolchain_python(root: Path | None = None) -> tuple[Path | None, str]:
+    """The GPU toolchain environment's python, or None and why it is not usable. An
+    interpreter that has triton 3.6.0 itself (the GPU machines' ``python3``) is its own."""
+    python = venv_python((root or ROOT) / GPU_TOOLCHAIN_VENV)
+    try:
+        import importlib.metadata
+
+        if importlib.metadata.version("triton") == GPU_TOOLCHAIN_TRITON and not python.exists():
+            return Path(sys.executable), f"triton {GPU_TOOLCHAIN_TRITON} in {sys.executable}"
+    except importlib.metadata.PackageNotFoundError:
+        pass
     if not python.exists():
         return None, (
             f"{GPU_TOOLCHAIN_VENV} (triton {GPU_TOOLCHAIN_TRITON}) was not made: run `make setup` "
             "with access to the package registry"
         )
-    code = "import triton, torch; print(triton.__version__)"
+    code = ("import importlib.metadata as m, importlib.util as u; "
+            "assert u.find_spec('torch'), 'no torch'; print(m.version('triton'))")  # fmt: skip
     result = subprocess.run([str(python), "-c", code], capture_output=True, text=True, cwd="/")
     found = result.stdout.strip()
     if result.returncode != 0 or found != GPU_TOOLCHAIN_TRITON:
@@ -132,8 +141,9 @@ def make_gpu_toolchain(dev_python: Path, strict: bool) -> bool:
     must stop the set-up (under CI)."""
     target = ROOT / GPU_TOOLCHAIN_VENV
     python = venv_python(target)
-    if gpu_toolchain_python()[0] is not None:
-        log(f"reusing {GPU_TOOLCHAIN_VENV} (triton {GPU_TOOLCHAIN_TRITON})")
+    found, why = gpu_toolchain_python()
+    if found is not None:
+        log(f"the GPU machines' toolchain is there: {why}")
         return True
     if not python.exists():
         log(f"creating {target} (the GPU machines' triton {GPU_TOOLCHAIN_TRITON})")

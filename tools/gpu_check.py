@@ -11,7 +11,8 @@ uses the interpreter running it. Stages, in order, each timed against its budget
    the real toolchain, and triton's cache warmed for the stages after it);
 2. ``tests``: the whole suite with ``CS_KERNELS_TEST_DEVICE=cuda`` (parity, properties and
    bad input on CUDA; CUDA-graph capture and replay; no host sync under
-   ``torch.cuda.set_sync_debug_mode("error")``; ``T * N > 2**31``). Test modules whose
+   ``torch.cuda.set_sync_debug_mode("error")``; ``T * N > 2**31``), with the heuristic tile
+   (``CS_KERNELS_TRITON_AUTOTUNE=0``) except in the autotuning test. Test modules whose
    packages are missing (e.g. torchjd offline) are left out, as the report header says;
 3. ``bench``: the benchmark table (`benchmarks/phase2_table.py`: fp32 and bf16, T in
    {2, 3, 5, 10, 20}, ResNet-18, ResNet-50 and ResNet-50 x4 (93.8M), floor in the same run)
@@ -216,7 +217,9 @@ def stage_commands(
             [py, "-m", "cs_kernels.triton_kernels.aot", "--arch", info["arch"]],
         ], env
     if name == "tests":
-        env.update(CS_KERNELS_TEST_DEVICE="cuda")
+        # The heuristic tile (no autotuning) outside the tests that turn tuning on: each new
+        # plan of the property tests would otherwise time every candidate.
+        env.update(CS_KERNELS_TEST_DEVICE="cuda", CS_KERNELS_TRITON_AUTOTUNE="0")
         if built:
             env.update(CS_KERNELS_REQUIRE_CPU="1")
         return [[py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--durations=15",

@@ -340,13 +340,15 @@ def _pass2_rows(
     else:  # out was rounded: recompute the sum, so it is rounded once
         # The loop's loads take the tile's geometric `mask`, never `moves`: a mask computed
         # from loaded data (`coef`) must not feed memory operations both inside a loop and
-        # after it. Triton 3.6's TritonGPURemoveLayoutConversions keeps the layout conversion
-        # of such a mask that it could not rematerialise (its slice reaches a load) and
-        # reuses it for later uses of the same value without checking dominance, so the
-        # store below would take the conversion placed in the loop body ("operand does not
-        # dominate this use"; later triton checks dominance). Geometric masks are always
-        # rematerialised, so their conversions are never reused. A tile with no moving row
-        # runs no iteration (a scalar trip count), so the loop reads only tiles that project.
+        # after it. Triton 3.6's TritonGPURemoveLayoutConversions keeps a layout conversion
+        # it cannot rematerialise (the mask's slice reaches a load), remembers it, and hands
+        # it to later uses of the same value without checking dominance: the store below
+        # took the conversion placed inside the loop body ("operand #2 does not dominate
+        # this use", every bf16/fp16 pass 2 of some tile shapes; later triton checks
+        # dominance). A geometric mask is always rematerialised, so no conversion of it is
+        # remembered. A tile with no moving row runs no iteration (a scalar trip count); in
+        # a tile that projects, the rows that do not move are re-read too (the rows of a
+        # layer's group move together, so such tiles are few).
         total = tl.zeros([SUB, WIDTH], ACC)
         any_moves = tl.max(tl.max(moves.to(tl.int32), axis=1), axis=0)
         for j in range(0, tl.where(any_moves != 0, num_tasks, 0)):
