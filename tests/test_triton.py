@@ -529,6 +529,44 @@ def test_no_host_synchronisation_after_the_first_call(mode: str) -> None:
     torch.cuda.synchronize()
 
 
+def _gpu_backends() -> list[str]:
+    return [b for b in ("triton", "cuda") if b in ck.available_backends(DEVICE)]
+
+
+@needs_gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_bad_input_on_cuda_is_rejected_and_leaves_the_caller_tensors(backend: str) -> None:
+    """Wrong devices, layouts, dtypes and values of CUDA inputs: a clear error naming the
+    argument (no crash inside a kernel), and the caller's tensors unchanged."""
+    if backend not in _gpu_backends():
+        pytest.skip(f"{backend}: {ck.backend_status()[backend]}")
+    plan = ck.Phase2Plan([(0, 3, 4)], 20)
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    grads = torch.randn(2, 20, generator=gen, device=DEVICE)
+    top = torch.tensor([0, 1, 0], device=DEVICE)
+    strength = torch.rand(2, 3, generator=gen, device=DEVICE)
+    out = torch.full((20,), 7.0, device=DEVICE)
+    nan_grads = grads.clone()
+    nan_grads[1, 5] = float("nan")
+    cases: list[tuple[str, dict[str, Any], type[Exception]]] = [
+        ("top", {"top": top.cpu()}, ValueError),
+        ("out", {"top": top, "out": out.cpu()}, ValueError),
+        ("grads", {"grads": torch.randn(2, 40, device=DEVICE)[:, ::2], "top": top}, ValueError),
+        ("grads", {"grads": grads.to(torch.int32), "top": top}, TypeError),
+        ("grads", {"grads": nan_grads, "top": top, "check_finite": True}, ValueError),
+        ("top", {"top": torch.tensor([0, 5, 0], device=DEVICE)}, ValueError),
+        ("strength", {"strength": strength[:1]}, ValueError),
+        ("strength", {"strength": strength.cpu()}, ValueError),
+    ]
+    before = [t.clone() for t in (grads, top, strength, out)]
+    for name, kw, exc in cases:
+        call = {"grads": grads, "out": out, **kw}
+        with pytest.raises(exc, match=name):
+            ck.phase2(call.pop("grads"), plan, **call, backend=backend)
+    for tensor, saved in zip((grads, top, strength, out), before, strict=True):
+        assert torch.equal(tensor, saved)
+
+
 @needs_gpu
 def test_autotuning_picks_a_candidate_once(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(tuning.AUTOTUNE_ENV, "1")

@@ -62,11 +62,13 @@ bootstrap = _bootstrap()
 
 def _report(request: pytest.FixtureRequest, line: str) -> None:
     """Print ``line`` on the terminal even though pytest captures output."""
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
     reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is not None:
-        reporter.write_line(line)
-    else:
+    if capture is None or reporter is None:
         print(line)
+        return
+    with capture.global_and_fixture_disabled():
+        reporter.write_line(line)
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -19,6 +19,7 @@ GPU run, or a run under the interpreter) and where triton does not import.
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import os
 import re
@@ -70,6 +71,17 @@ def summary_counts(output: str) -> dict[str, int] | None:
     return None
 
 
+def _report(request: pytest.FixtureRequest, line: str) -> None:
+    """Print ``line`` on the terminal even though pytest captures output."""
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    if capture is None or reporter is None:
+        print(line)
+        return
+    with capture.global_and_fixture_disabled():
+        reporter.write_line(line)
+
+
 def _command(python: str) -> list[str]:
     return [
         python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "triton",
@@ -82,16 +94,16 @@ def _command(python: str) -> list[str]:
 def test_triton_suites_pass_under_the_interpreter(request: pytest.FixtureRequest) -> None:
     if importlib.util.find_spec("triton") is None:
         pytest.skip("triton is not installed")
-    pythons = {"this environment": sys.executable}
+    pythons = {f"triton {importlib.metadata.version('triton')} (this environment)": sys.executable}
     gpu_python, why = _bootstrap().gpu_toolchain_python(ROOT)
     if gpu_python is not None and gpu_python.resolve() != Path(sys.executable).resolve():
-        pythons["the GPU machines' triton"] = str(gpu_python)
+        pythons[f"triton {_bootstrap().GPU_TOOLCHAIN_TRITON} ({gpu_python.parent.parent.name})"] = (
+            str(gpu_python)
+        )
     elif gpu_python is None:
         if CI:
             pytest.fail(f"CI=true: the GPU machines' toolchain is required: {why}")
-        reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-        if reporter is not None:
-            reporter.write_line(f"[interpreter] left out the GPU machines' triton: {why}")
+        _report(request, f"[interpreter] left out the GPU machines' triton: {why}")
     env = {k: v for k, v in os.environ.items() if k != "CS_KERNELS_BACKEND"}
     env.update(TRITON_INTERPRET="1", CS_KERNELS_TEST_DEVICE="cpu")
     problems = []
@@ -108,6 +120,7 @@ def test_triton_suites_pass_under_the_interpreter(request: pytest.FixtureRequest
             output = logs[name].read_text()
             counts = summary_counts(output)
             report = f"--- {name} ({pythons[name]}) ---\n{output[-6000:]}"
+            _report(request, f"[interpreter] {name}: {counts}")
             if child.returncode != 0 or counts is None:
                 problems.append(f"exit status {child.returncode}\n{report}")
             elif counts.get("failed", 0) or counts.get("errors", 0):

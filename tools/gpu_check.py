@@ -222,6 +222,8 @@ def stage_commands(
         env.update(CS_KERNELS_TEST_DEVICE="cuda", CS_KERNELS_TRITON_AUTOTUNE="0")
         if built:
             env.update(CS_KERNELS_REQUIRE_CPU="1")
+        else:  # a rerun without the build: whatever is built is tested
+            env.pop("CS_KERNELS_REQUIRE_CPU", None)
         return [[py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--durations=15",
                  "tests"]], env  # fmt: skip
     if name == "bench":
