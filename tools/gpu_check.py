@@ -80,10 +80,12 @@ STAGES = (
         "tests",
         180,
         300,
-        "the suite is about 4 CPU-minutes here, 2 of them the interpreter child and the "
-        "ahead-of-time compiles, which a GPU run skips or finds in the warm cache; "
-        "the CUDA cases are small, launch-bound calls, plus a few full-size ResNet-50 and "
-        "100M-element ones (milliseconds each) and triton's first-use compiles",
+        "the suite is about 13 CPU-minutes here, 10 of them the two ahead-of-time compiles "
+        "and the two interpreter children, which a GPU run skips (the interpreter, the "
+        "triton 3.6 environment) or finds in triton's cache (the build stage compiled "
+        "them); the other 3 are small, launch-bound calls, on CUDA also a few full-size "
+        "ResNet-50 and 100M-element ones (milliseconds each) and triton's first-use "
+        "compiles of the heuristic tiles (about 25 at 1.4 s)",
     ),
     Stage(
         "bench",
