@@ -8,7 +8,8 @@ uses the interpreter running it. Stages, in order, each timed against its budget
 1. ``build``: the C++/CUDA extension for the visible GPU's architecture only, in place, with
    every core (``MAX_JOBS``); then every triton kernel configuration compiled for that
    architecture in parallel (`cs_kernels.triton_kernels.aot`: the ahead-of-time check on
-   the real toolchain, and triton's cache warmed for the stages after it);
+   the real toolchain; it fills triton's cache, which the AOT test reuses, as do the
+   JIT launches of the later stages where their specialisation matches);
 2. ``tests``: the whole suite with ``CS_KERNELS_TEST_DEVICE=cuda`` (parity, properties and
    bad input on CUDA; CUDA-graph capture and replay; no host sync under
    ``torch.cuda.set_sync_debug_mode("error")``; ``T * N > 2**31``), with the heuristic tile
