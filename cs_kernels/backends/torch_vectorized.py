@@ -1,11 +1,26 @@
 """The ``torch`` backend: Phase 2 as vectorised PyTorch over the whole plan at once.
 
 No Python loop over tasks or layers, no host synchronisation (every size comes from the
-plan, never from tensor values), deterministic segment reductions, so it runs on any device
-PyTorch supports and under ``torch.compile``.
+plan, never from tensor values), deterministic reductions, so it runs on any device PyTorch
+supports and under ``torch.compile``.
 
-The flat buffer ``[0, N)`` is cut into *segments* in offset order: every channel row of
-every layer, and every plainly summed gap. Per-channel dot products are segment sums.
+The flat buffer ``[0, N)`` is cut into *segments* in offset order: every channel row of every
+layer, and every plainly summed gap. A fixed grid of *chunks* of ``width`` elements (from
+element ``phase``) lies over it; a chunk that falls inside one segment is *pure*, and nearly
+every element of a real model is in one (rows are multiples of 16 or more elements). Over the
+pure chunks, two batched matrix products do all the work, reading the gradients twice and
+writing nothing larger than ``out``:
+
+* the per-chunk Gram matrices ``[chunks, T, T]`` (``bmm``), summed per segment, give every
+  row's dot products ``<G_i, G_j>``, so the top task's row need not be gathered;
+* the combined gradient is one weighted sum per chunk, ``out = sum_t w_t * G_t`` with
+  ``w_t = 1 - shrink * [t == top]`` (``sum_j G'_j = sum_t G_t - (sum_j coef_j) * G_top``),
+  a ``bmm`` that writes ``out`` in place.
+
+The few elements outside pure chunks (row ends that miss the grid, short rows, the buffer's
+ends) take an element-wise path through index tables. The grid's width and phase are chosen
+per plan to leave the fewest such elements; every table is built once per plan, task count
+and device, and cached on the plan.
 """
 
 from __future__ import annotations
@@ -19,23 +34,38 @@ from cs_kernels._validation import accumulation_dtype
 from cs_kernels.backends.base import Backend
 from cs_kernels.plan import Phase2Plan
 
-# Longest run one segment-reduction output sums: a segment (a long gap, a long row) is cut into
-# pieces of at most this many elements, then the pieces are summed, so no thread of a GPU
-# segment reduction walks millions of elements alone. Both levels are deterministic.
-PIECE = 2048
+# Chunk widths tried, widest first: a wide chunk makes each batched product larger (below
+# about 400 multiply-adds per batch entry, the CPU bmm takes a slow scalar loop).
+WIDTHS = (256, 128, 64, 32, 16)
+BMM_FAST = 400
+# Relative cost per element: a pure element in a fast bmm, in a slow one, and a mixed one.
+COST_FAST, COST_SLOW, COST_MIXED = 1.0, 3.0, 10.0
+PHASES_TRIED = 4  # grid phases tried per width, besides 0
 
 
-class SegmentTables(NamedTuple):
-    seg_lengths: Tensor  # int64 [S]: length of each segment, in offset order
-    piece_lengths: Tensor  # int64 [P]: the segments cut into pieces of <= PIECE elements
-    seg_pieces: Tensor  # int64 [S]: how many pieces each segment has
-    seg_channel: Tensor  # int64 [S]: channel (plan order) of the segment; total_channels = gap
-    chan_segment: Tensor  # int64 [C]: segment index of each channel
+class LayerTables(NamedTuple):
     chan_layer: Tensor  # int64 [C]: layer index of each channel
     layer_channels: Tensor  # int64 [L]
 
 
-def _build_tables(plan: Phase2Plan) -> SegmentTables:
+class ChunkTables(NamedTuple):
+    """Where the segments, chunks and leftover ("mixed") elements of a plan lie."""
+
+    seg_channel: Tensor  # int64 [S]: channel (plan order) of each segment; C for a gap
+    chan_segment: Tensor  # int64 [C]: segment of each channel
+    chunk_segment: Tensor  # int64 [M]: segment of each chunk (of its first element)
+    pure_chunks: Tensor  # int64 [P]: the pure chunks, in offset order
+    pure_lengths: Tensor  # int64 [S]: pure chunks per segment
+    mixed_index: Tensor  # int64 [Q]: elements outside pure chunks, in offset order
+    mixed_segment: Tensor  # int64 [Q]: their segments
+    mixed_lengths: Tensor  # int64 [S]: mixed elements per segment
+    width: int  # K: elements per chunk
+    phase: int  # first element of chunk 0
+    chunks: int  # M: chunks in the grid, covering [phase, phase + M * K)
+
+
+def _segments(plan: Phase2Plan) -> tuple[Tensor, Tensor, Tensor]:
+    """``(starts, lengths, channel)`` of every row and gap, int64 ``[S]``, in offset order."""
     starts, lengths, channels = [], [], []
     for layer, first in zip(plan.layers, plan.first_channels, strict=True):
         rows = torch.arange(layer.channels, dtype=torch.int64)
@@ -46,40 +76,113 @@ def _build_tables(plan: Phase2Plan) -> SegmentTables:
         starts.append(torch.tensor([offset]))
         lengths.append(torch.tensor([length]))
         channels.append(torch.tensor([plan.total_channels]))
-    empty = torch.zeros(0, dtype=torch.int64)
-    start = torch.cat(starts) if starts else empty
+    if not starts:
+        empty = torch.zeros(0, dtype=torch.int64)
+        return empty, empty, empty
+    start = torch.cat(starts)
     order = torch.argsort(start, stable=True)
-    seg_lengths = (torch.cat(lengths) if lengths else empty)[order]
-    seg_channel = (torch.cat(channels) if channels else empty)[order]
+    return start[order], torch.cat(lengths)[order], torch.cat(channels)[order]
+
+
+def _pure_range(starts: Tensor, ends: Tensor, width: int, phase: int) -> tuple[Tensor, Tensor]:
+    """First and end chunk index of the pure chunks of each segment (first >= end: none)."""
+    first = torch.div(starts - phase + width - 1, width, rounding_mode="floor").clamp(min=0)
+    end = torch.div(ends - phase, width, rounding_mode="floor")
+    return first, torch.maximum(end, first)
+
+
+def _choose_grid(starts: Tensor, lengths: Tensor, numel: int, tasks: int) -> tuple[int, int]:
+    """The ``(width, phase)`` of least estimated cost (see COST_*), ties to the widest.
+
+    Phases tried per width: 0 and the residues (mod width) of the segment starts that carry
+    the most elements, where a grid aligned to those segments leaves them whole.
+    """
+    ends = starts + lengths
+    best: tuple[float, int, int] | None = None
+    for width in WIDTHS:
+        per_pure = COST_FAST if width * tasks >= BMM_FAST else COST_SLOW
+        weight = torch.bincount(starts % width, weights=lengths.double(), minlength=width)
+        phases = {0, *torch.topk(weight, min(PHASES_TRIED, width)).indices.tolist()}
+        for phase in sorted(phases):
+            first, end = _pure_range(starts, ends, width, phase)
+            pure = int((end - first).sum()) * width
+            cost = pure * per_pure + (numel - pure) * COST_MIXED
+            if best is None or cost < best[0]:
+                best = (cost, width, phase)
+    assert best is not None
+    return best[1], best[2]
+
+
+def _build_layer_tables(plan: Phase2Plan) -> LayerTables:
+    layer_channels = torch.tensor([layer.channels for layer in plan.layers], dtype=torch.int64)
+    chan_layer = torch.repeat_interleave(torch.arange(plan.num_layers), layer_channels)
+    return LayerTables(chan_layer, layer_channels)
+
+
+def _build_chunk_tables(plan: Phase2Plan, tasks: int) -> ChunkTables:
+    starts, lengths, seg_channel = _segments(plan)
+    num_segments = starts.shape[0]
+    width, phase = _choose_grid(starts, lengths, plan.numel, tasks)
+    chunks = max(plan.numel - phase, 0) // width
     chan_segment = torch.empty(plan.total_channels, dtype=torch.int64)
     is_channel = seg_channel < plan.total_channels
     chan_segment[seg_channel[is_channel]] = torch.nonzero(is_channel).flatten()
-    layer_channels = torch.tensor([layer.channels for layer in plan.layers], dtype=torch.int64)
-    chan_layer = torch.repeat_interleave(torch.arange(plan.num_layers), layer_channels)
-    seg_pieces = (seg_lengths + PIECE - 1) // PIECE
-    # Every piece is PIECE long except the last one of its segment.
-    last = torch.cumsum(seg_pieces, 0) - 1
-    piece_lengths = torch.full((int(seg_pieces.sum()),), PIECE, dtype=torch.int64)
-    piece_lengths[last] = seg_lengths - (seg_pieces - 1) * PIECE
-    return SegmentTables(
-        seg_lengths, piece_lengths, seg_pieces, seg_channel, chan_segment, chan_layer,
-        layer_channels,
+
+    # Chunk m covers [phase + m * width, + width): its segment is the one its start is in.
+    chunk_start = phase + torch.arange(chunks, dtype=torch.int64) * width
+    chunk_segment = (torch.searchsorted(starts, chunk_start, right=True) - 1).clamp(min=0)
+
+    first, end = _pure_range(starts, starts + lengths, width, phase)
+    pure_lengths = end - first
+    total_pure = int(pure_lengths.sum())
+    pure_offsets = torch.cumsum(pure_lengths, 0) - pure_lengths
+    pure_chunks = torch.repeat_interleave(
+        first - pure_offsets, pure_lengths, output_size=total_pure
+    )
+    pure_chunks += torch.arange(total_pure, dtype=torch.int64)
+
+    # Mixed elements of a segment: the run before its first pure chunk and the run after its
+    # last (the whole segment when it has none); adjacent in offset order.
+    has_pure = pure_lengths > 0
+    pure_begin = torch.where(has_pure, phase + first * width, starts + lengths)
+    pure_end = torch.where(has_pure, phase + end * width, starts + lengths)
+    run_starts = torch.stack([starts, pure_end], dim=1).flatten()
+    run_lengths = torch.stack([pure_begin - starts, starts + lengths - pure_end], dim=1).flatten()
+    total_mixed = int(run_lengths.sum())
+    run_offsets = torch.cumsum(run_lengths, 0) - run_lengths
+    mixed_index = torch.repeat_interleave(
+        run_starts - run_offsets, run_lengths, output_size=total_mixed
+    )
+    mixed_index += torch.arange(total_mixed, dtype=torch.int64)
+    mixed_lengths = run_lengths.view(num_segments, 2).sum(dim=1)
+    mixed_segment = torch.repeat_interleave(
+        torch.arange(num_segments), mixed_lengths, output_size=total_mixed
+    )
+    return ChunkTables(
+        seg_channel, chan_segment, chunk_segment, pure_chunks, pure_lengths, mixed_index,
+        mixed_segment, mixed_lengths, width, phase, chunks,
     )  # fmt: skip
 
 
-def _segment_sum(x: Tensor, lengths: Tensor) -> Tensor:
-    """Sum the last dimension of ``x: [..., M]`` in runs of ``lengths: [S]`` -> ``[..., S]``."""
+def _segment_sum(x: Tensor, lengths: Tensor, dim: int = -1) -> Tensor:
+    """Sum dimension ``dim`` of ``x`` in runs of ``lengths: [S]``: that dimension becomes ``S``.
+
+    ``x`` must be laid out as it is shaped (an op's fresh output, not a transposed view):
+    segment_reduce misreads some strided inputs (torch 2.13), and ``contiguous()`` passes
+    a transposed view with a size-1 dimension through unchanged.
+    """
     if x.device.type == "mps":
         # PyTorch has no MPS segment_reduce yet (pytorch/pytorch#197880): reduce on the CPU.
-        return _segment_sum(x.cpu(), lengths.cpu()).to(x.device)
-    return torch.segment_reduce(
-        x, "sum", lengths=lengths.expand(*x.shape[:-1], lengths.shape[0]), axis=x.dim() - 1,
-        unsafe=True,
-    )  # fmt: skip
+        return _segment_sum(x.cpu(), lengths.cpu(), dim).to(x.device)
+    axis = dim % x.dim()
+    shape = (*x.shape[:axis], lengths.shape[0], *x.shape[axis + 1 :])
+    if axis == x.dim() - 1:
+        lengths = lengths.expand(*x.shape[:axis], lengths.shape[0])
+    return torch.segment_reduce(x, "sum", lengths=lengths, axis=axis, unsafe=True).view(shape)
 
 
 def coefficients(
-    dots: Tensor, top: Tensor, tables: SegmentTables, *, group: bool, project_uniform: bool
+    dots: Tensor, top: Tensor, tables: LayerTables, *, group: bool, project_uniform: bool
 ) -> Tensor:
     """Projection coefficients ``[T, C]``: ``G'_j[c] = G_j[c] - coef[j, c] * G_top(c)[c]``.
 
@@ -107,20 +210,33 @@ def coefficients(
     return torch.where(conflict, a / norm_sq, torch.zeros_like(a))
 
 
+def _bmm_into(a: Tensor, b: Tensor, out: Tensor) -> None:
+    """``out = a @ b`` (batched), written in place: no ``[N]``-sized temporary in eager mode."""
+    if torch.compiler.is_compiling():
+        out.copy_(torch.bmm(a, b))  # the compiler plans its own buffers
+    else:
+        torch.bmm(a, b, out=out)
+
+
 class TorchBackend(Backend):
     name = "torch"
 
     def supports(self, device: torch.device) -> bool:
         return True
 
-    def tables(self, plan: Phase2Plan, device: torch.device) -> SegmentTables:
-        return plan.cached("torch.segments", device, lambda: _build_tables(plan))
+    def layer_tables(self, plan: Phase2Plan, device: torch.device) -> LayerTables:
+        return plan.cached("torch.layers", device, lambda: _build_layer_tables(plan))
+
+    def chunk_tables(self, plan: Phase2Plan, tasks: int, device: torch.device) -> ChunkTables:
+        return plan.cached(
+            f"torch.chunks.{tasks}", device, lambda: _build_chunk_tables(plan, tasks)
+        )
 
     def row_sqnorm(self, weight: Tensor) -> Tensor:
         return weight.to(accumulation_dtype(weight.dtype)).square().sum(dim=1)
 
     def top_priority(self, strength: Tensor, plan: Phase2Plan) -> Tensor:
-        tables = self.tables(plan, strength.device)
+        tables = self.layer_tables(plan, strength.device)
         # fp64 (where the device has it), as the reference: near-ties resolve exactly.
         raw = strength.to(torch.float32 if strength.device.type == "mps" else torch.float64)
         totals = _segment_sum(raw, tables.layer_channels)[:, tables.chan_layer]  # [T, C]
@@ -138,31 +254,61 @@ class TorchBackend(Backend):
         out: Tensor,
         projected: Tensor | None,
     ) -> None:
-        tables = self.tables(plan, grads.device)
-        numel = grads.shape[1]
-        g = grads.to(accumulation_dtype(grads.dtype))
-        # Gaps borrow channel slot C (padded with task 0 / coefficient 0): harmless stand-ins.
-        seg_top = torch.cat([top, top.new_zeros(1)])[tables.seg_channel]
-        elem_top = torch.repeat_interleave(seg_top, tables.seg_lengths, output_size=numel)
-        top_rows = g.gather(0, elem_top[None, :])  # [1, N]: G_top(c) at every element
+        num_tasks, numel = grads.shape
+        chunk = self.chunk_tables(plan, num_tasks, grads.device)
+        layers = self.layer_tables(plan, grads.device)
+        g = grads.to(accumulation_dtype(grads.dtype))  # bf16/fp16: one fp32 copy
+        width, chunks = chunk.width, chunk.chunks
+        # [M, T, K]: chunk m of every task (a view: no copy).
+        g_chunks = g.narrow(1, chunk.phase, chunks * width).view(num_tasks, chunks, width)
+        g_chunks = g_chunks.permute(1, 0, 2)
+        g_mixed = g.index_select(1, chunk.mixed_index)  # [T, Q]
 
-        piece_dots = _segment_sum(g * top_rows, tables.piece_lengths)  # [T, P]
-        seg_dots = _segment_sum(piece_dots, tables.seg_pieces)  # [T, S]
-        dots = seg_dots[:, tables.chan_segment]  # [T, C]
-        coef = coefficients(dots, top, tables, group=group, project_uniform=project_uniform)
-        coef_seg = torch.cat([coef, coef.new_zeros(coef.shape[0], 1)], dim=1)[
-            :, tables.seg_channel
-        ]  # [T, S]
+        # Gaps borrow channel slot C (task 0, coefficient 0): harmless stand-ins.
+        seg_top = torch.cat([top, top.new_zeros(1)]).index_select(0, chunk.seg_channel)  # [S]
+        # Per-segment Gram rows <G_top, G_j>: pure chunks through their Gram matrices ...
+        gram = torch.bmm(g_chunks, g_chunks.transpose(1, 2)).flatten(1)  # [M, T * T]
+        seg_gram = _segment_sum(gram.index_select(0, chunk.pure_chunks), chunk.pure_lengths, 0)
+        top_rows = seg_top[:, None] * num_tasks + torch.arange(num_tasks, device=g.device)
+        seg_dots = seg_gram.gather(1, top_rows).t()  # [T, S]
+        # ... mixed elements one by one.
+        # G_top at each mixed element: one flat index_select (gather along T is slower).
+        mixed_top = seg_top.index_select(0, chunk.mixed_segment) * numel + chunk.mixed_index
+        mixed_products = g_mixed * g.view(-1).index_select(0, mixed_top)
+        seg_dots = seg_dots + _segment_sum(mixed_products, chunk.mixed_lengths)
+        dots = seg_dots.index_select(1, chunk.chan_segment)  # [T, C]
 
-        # sum_j G'_j = sum_j G_j - (sum_j coef_j) * G_top
-        shrink = torch.repeat_interleave(coef_seg.sum(dim=0), tables.seg_lengths, output_size=numel)
-        if out.dtype == g.dtype:  # in place: no [N] temporaries
-            torch.sum(g, dim=0, out=out)
-            out.addcmul_(shrink, top_rows[0], value=-1)
+        coef = coefficients(dots, top, layers, group=group, project_uniform=project_uniform)
+        coef_seg = torch.cat([coef, coef.new_zeros(num_tasks, 1)], dim=1).index_select(
+            1, chunk.seg_channel
+        )  # [T, S]
+        is_top = seg_top[None, :] == torch.arange(num_tasks, device=g.device)[:, None]
+        # sum_j G'_j = sum_t w_t G_t with w_t = 1 - (sum_j coef_j) * [t == top].
+        weights = 1 - is_top.to(coef.dtype) * coef_seg.sum(dim=0)  # [T, S]
+
+        chunk_weights = weights.t().index_select(0, chunk.chunk_segment)[:, None, :]  # [M, 1, T]
+        mixed_out = (g_mixed * weights.index_select(1, chunk.mixed_segment)).sum(dim=0)  # [Q]
+        if out.dtype == g.dtype:
+            out_chunks = out.narrow(0, chunk.phase, chunks * width).view(chunks, 1, width)
+            _bmm_into(chunk_weights, g_chunks, out_chunks)
+            out.index_copy_(0, chunk.mixed_index, mixed_out)
         else:  # bf16/fp16: one rounding, at the end
-            out.copy_(g.sum(dim=0) - shrink * top_rows[0])
-        if projected is not None:
-            coef_elem = torch.repeat_interleave(
-                coef_seg, tables.seg_lengths, dim=1, output_size=numel
+            combined = g.new_empty(numel)
+            combined.narrow(0, chunk.phase, chunks * width).view(chunks, 1, width).copy_(
+                torch.bmm(chunk_weights, g_chunks)
             )
-            projected.copy_(g - coef_elem * top_rows)
+            combined.index_copy_(0, chunk.mixed_index, mixed_out)
+            out.copy_(combined)
+
+        if projected is not None:
+            # G'_j = sum_t W[j, t] G_t with W = I - coef_j [t == top], per chunk / element.
+            eye = torch.eye(num_tasks, dtype=coef.dtype, device=g.device)
+            proj_weights = eye[:, :, None] - coef_seg[:, None, :] * is_top[None, :, :]  # [T,T,S]
+            chunk_proj = proj_weights.permute(2, 0, 1).index_select(0, chunk.chunk_segment)
+            mixed_weights = proj_weights.index_select(2, chunk.mixed_segment)  # [T, T, Q]
+            full = g.new_empty(num_tasks, numel)
+            full.narrow(1, chunk.phase, chunks * width).view(num_tasks, chunks, width).copy_(
+                torch.bmm(chunk_proj, g_chunks).permute(1, 0, 2)
+            )
+            full.index_copy_(1, chunk.mixed_index, (mixed_weights * g_mixed[None]).sum(dim=1))
+            projected.copy_(full)
