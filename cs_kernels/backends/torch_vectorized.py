@@ -288,27 +288,21 @@ class TorchBackend(Backend):
 
         chunk_weights = weights.t().index_select(0, chunk.chunk_segment)[:, None, :]  # [M, 1, T]
         mixed_out = (g_mixed * weights.index_select(1, chunk.mixed_segment)).sum(dim=0)  # [Q]
+        out_chunks = out.narrow(0, chunk.phase, chunks * width).view(chunks, 1, width)
         if out.dtype == g.dtype:
-            out_chunks = out.narrow(0, chunk.phase, chunks * width).view(chunks, 1, width)
             _bmm_into(chunk_weights, g_chunks, out_chunks)
-            out.index_copy_(0, chunk.mixed_index, mixed_out)
-        else:  # bf16/fp16: one rounding, at the end
-            combined = g.new_empty(numel)
-            combined.narrow(0, chunk.phase, chunks * width).view(chunks, 1, width).copy_(
-                torch.bmm(chunk_weights, g_chunks)
-            )
-            combined.index_copy_(0, chunk.mixed_index, mixed_out)
-            out.copy_(combined)
+        else:  # bf16/fp16: rounded once, from the fp32 sum
+            out_chunks.copy_(torch.bmm(chunk_weights, g_chunks))
+        # After the chunks: a chunk that is not pure got some segment's weights.
+        out.index_copy_(0, chunk.mixed_index, mixed_out.to(out.dtype))
 
         if projected is not None:
             # G'_j = sum_t W[j, t] G_t with W = I - coef_j [t == top], per chunk / element.
             eye = torch.eye(num_tasks, dtype=coef.dtype, device=g.device)
             proj_weights = eye[:, :, None] - coef_seg[:, None, :] * is_top[None, :, :]  # [T,T,S]
             chunk_proj = proj_weights.permute(2, 0, 1).index_select(0, chunk.chunk_segment)
-            mixed_weights = proj_weights.index_select(2, chunk.mixed_segment)  # [T, T, Q]
-            full = g.new_empty(num_tasks, numel)
-            full.narrow(1, chunk.phase, chunks * width).view(num_tasks, chunks, width).copy_(
+            mixed_proj = (proj_weights.index_select(2, chunk.mixed_segment) * g_mixed).sum(dim=1)
+            projected.narrow(1, chunk.phase, chunks * width).view(num_tasks, chunks, width).copy_(
                 torch.bmm(chunk_proj, g_chunks).permute(1, 0, 2)
             )
-            full.index_copy_(1, chunk.mixed_index, (mixed_weights * g_mixed[None]).sum(dim=1))
-            projected.copy_(full)
+            projected.index_copy_(1, chunk.mixed_index, mixed_proj.to(projected.dtype))
