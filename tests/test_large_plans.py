@@ -152,3 +152,28 @@ def test_cpu_many_tiny_layers(mode: str) -> None:
         expected = ck.phase2(grads, plan, top=top, mode=mode, uniform=uniform, backend="reference")
         actual = ck.phase2(grads, plan, top=top, mode=mode, uniform=uniform, backend="cpu")
         assert_close(actual, expected, torch.float64, f"{mode}/{uniform}")
+
+
+def test_torch_backend_compiles_above_the_gram_task_count() -> None:
+    """Beyond GRAM_MAX_TASKS the torch backend gathers each chunk's top row through an
+    overlapping view: that path too compiles with fullgraph=True and matches eager."""
+    from cs_kernels.backends.torch_vectorized import GRAM_MAX_TASKS
+
+    tasks = GRAM_MAX_TASKS + 3
+    plan = ck.Phase2Plan([(5, 3, 700), (2200, 40, 48), (4200, 7, 9)], 4300)
+    gen = torch.Generator().manual_seed(5)
+    grads = torch.randn(tasks, plan.numel, generator=gen).to(DEVICE)
+    top = torch.randint(0, tasks, (plan.total_channels,), generator=gen).to(DEVICE)
+
+    def step(g: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return ck.phase2(g, plan, top=t, backend="torch", check=False) * 1.0
+
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(step, fullgraph=True)(grads, top)
+    finally:
+        torch._dynamo.reset()
+    eager = step(grads, top)
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
+    expected = ck.phase2(grads, plan, top=top, backend="reference")
+    assert_close(eager, expected, torch.float32, "torch")

@@ -25,7 +25,9 @@ and device, and cached on the plan.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import math
+from collections.abc import Callable
+from typing import NamedTuple, TypeVar, cast
 
 import torch
 from torch import Tensor
@@ -35,12 +37,18 @@ from cs_kernels.backends.base import Backend
 from cs_kernels.plan import Phase2Plan
 
 # Chunk widths tried, widest first: a wide chunk makes each batched product larger (below
-# about 400 multiply-adds per batch entry, the CPU bmm takes a slow scalar loop).
+# 400 multiply-adds per batch entry, width * T here, the CPU bmm takes a slow scalar loop).
 WIDTHS = (256, 128, 64, 32, 16)
 BMM_FAST = 400
-# Relative cost per element: a pure element in a fast bmm, in a slow one, and a mixed one.
-COST_FAST, COST_SLOW, COST_MIXED = 1.0, 3.0, 10.0
+# Estimated costs (measured on a CPU) in units of one pure element (all T tasks) in a fast
+# bmm: a pure element in a slow one, a mixed element, and each chunk's share of the bmm
+# calls' per-matrix overhead.
+COST_FAST, COST_SLOW, COST_MIXED, COST_PER_CHUNK = 1.0, 3.0, 10.0, 24.0
 PHASES_TRIED = 4  # grid phases tried per width, besides 0
+# Up to this many tasks, the rows' dot products come from per-chunk Gram matrices (T * T
+# multiply-adds per element position, no gather); beyond, from each chunk's top-task row,
+# gathered first (2 T, and one more read of a 1/T share of the gradients).
+GRAM_MAX_TASKS = 3
 
 
 class LayerTables(NamedTuple):
@@ -59,9 +67,11 @@ class ChunkTables(NamedTuple):
     mixed_index: Tensor  # int64 [Q]: elements outside pure chunks, in offset order
     mixed_segment: Tensor  # int64 [Q]: their segments
     mixed_lengths: Tensor  # int64 [S]: mixed elements per segment
+    chunk_rows: Tensor  # int64 [M]: chunk m's row in the gather view, m * K / row_stride
     width: int  # K: elements per chunk
     phase: int  # first element of chunk 0
     chunks: int  # M: chunks in the grid, covering [phase, phase + M * K)
+    row_stride: int  # gcd(N, K): chunk (t, m) starts at phase + (t N / s + m K / s) * s
 
 
 def _segments(plan: Phase2Plan) -> tuple[Tensor, Tensor, Tensor]:
@@ -106,7 +116,8 @@ def _choose_grid(starts: Tensor, lengths: Tensor, numel: int, tasks: int) -> tup
         for phase in sorted(phases):
             first, end = _pure_range(starts, ends, width, phase)
             pure = int((end - first).sum()) * width
-            cost = pure * per_pure + (numel - pure) * COST_MIXED
+            chunks = max(numel - phase, 0) // width
+            cost = pure * per_pure + (numel - pure) * COST_MIXED + chunks * COST_PER_CHUNK
             if best is None or cost < best[0]:
                 best = (cost, width, phase)
     assert best is not None
@@ -158,10 +169,28 @@ def _build_chunk_tables(plan: Phase2Plan, tasks: int) -> ChunkTables:
     mixed_segment = torch.repeat_interleave(
         torch.arange(num_segments), mixed_lengths, output_size=total_mixed
     )
+    row_stride = math.gcd(plan.numel, width)
+    chunk_rows = torch.arange(chunks, dtype=torch.int64) * (width // row_stride)
     return ChunkTables(
         seg_channel, chan_segment, chunk_segment, pure_chunks, pure_lengths, mixed_index,
-        mixed_segment, mixed_lengths, width, phase, chunks,
+        mixed_segment, mixed_lengths, chunk_rows, width, phase, chunks, row_stride,
     )  # fmt: skip
+
+
+_F = TypeVar("_F", bound=Callable[..., object])
+# Built on the host (with data-dependent sizes) on first use, then cached on the plan. Under
+# torch.compile they are evaluated while tracing and enter the graph as constants.
+_constant_result = cast(Callable[[_F], _F], torch.compiler.assume_constant_result)
+
+
+@_constant_result
+def _layer_tables(plan: Phase2Plan, device: torch.device) -> LayerTables:
+    return plan.cached("torch.layers", device, lambda: _build_layer_tables(plan))
+
+
+@_constant_result
+def _chunk_tables(plan: Phase2Plan, tasks: int, device: torch.device) -> ChunkTables:
+    return plan.cached(f"torch.chunks.{tasks}", device, lambda: _build_chunk_tables(plan, tasks))
 
 
 def _segment_sum(x: Tensor, lengths: Tensor, dim: int = -1) -> Tensor:
@@ -210,6 +239,46 @@ def coefficients(
     return torch.where(conflict, a / norm_sq, torch.zeros_like(a))
 
 
+def _pure_dots(g: Tensor, seg_top: Tensor, chunk: ChunkTables, scratch: Tensor | None) -> Tensor:
+    """``[T, S]``: each segment's dot products ``<G_top, G_j>`` over its pure chunks.
+
+    ``g: [T, N]`` (contiguous), ``seg_top: [S]``; ``scratch`` is an ``[M, 1, K]`` buffer of
+    ``g.dtype`` that may be overwritten (``out``), or None.
+    """
+    num_tasks, numel = g.shape
+    width, chunks = chunk.width, chunk.chunks
+    g_chunks = _chunks(g, chunk)  # [M, T, K]
+    if num_tasks <= GRAM_MAX_TASKS:
+        # Per-chunk Gram matrices: every pair's dot products, no gather of the top rows.
+        gram = torch.bmm(g_chunks, g_chunks.transpose(1, 2)).flatten(1)  # [M, T * T]
+        seg_gram = _segment_sum(gram.index_select(0, chunk.pure_chunks), chunk.pure_lengths, 0)
+        pairs = seg_top[:, None] * num_tasks + torch.arange(num_tasks, device=seg_top.device)
+        return seg_gram.gather(1, pairs).t()
+    # Each chunk's top-task row, gathered through a view whose rows start every row_stride
+    # elements of the flat buffer (they overlap: read only), then its dot products with every
+    # task's row.
+    stride = chunk.row_stride
+    flat = g.view(-1).narrow(0, chunk.phase, g.numel() - chunk.phase)
+    starts = flat.unfold(0, width, stride) if flat.numel() >= width else flat.new_empty(0, width)
+    chunk_top = seg_top.index_select(0, chunk.chunk_segment)  # [M]
+    index = chunk_top * (numel // stride) + chunk.chunk_rows
+    if scratch is None:
+        scratch = g.new_empty(chunks, 1, width)
+    top_rows = scratch.view(chunks, width)
+    if torch.compiler.is_compiling():
+        top_rows.copy_(starts.index_select(0, index))
+    else:
+        torch.index_select(starts, 0, index, out=top_rows)
+    chunk_dots = torch.bmm(scratch, g_chunks.transpose(1, 2)).flatten(1)  # [M, T]
+    return _segment_sum(chunk_dots.index_select(0, chunk.pure_chunks), chunk.pure_lengths, 0).t()
+
+
+def _chunks(g: Tensor, chunk: ChunkTables) -> Tensor:
+    """``[M, T, K]``: chunk m of every task's row of ``g: [T, N]`` (a view, no copy)."""
+    grid = g.narrow(1, chunk.phase, chunk.chunks * chunk.width)
+    return grid.view(g.shape[0], chunk.chunks, chunk.width).permute(1, 0, 2)
+
+
 def _bmm_into(a: Tensor, b: Tensor, out: Tensor) -> None:
     """``out = a @ b`` (batched), written in place: no ``[N]``-sized temporary in eager mode."""
     if torch.compiler.is_compiling():
@@ -225,12 +294,10 @@ class TorchBackend(Backend):
         return True
 
     def layer_tables(self, plan: Phase2Plan, device: torch.device) -> LayerTables:
-        return plan.cached("torch.layers", device, lambda: _build_layer_tables(plan))
+        return _layer_tables(plan, device)
 
     def chunk_tables(self, plan: Phase2Plan, tasks: int, device: torch.device) -> ChunkTables:
-        return plan.cached(
-            f"torch.chunks.{tasks}", device, lambda: _build_chunk_tables(plan, tasks)
-        )
+        return _chunk_tables(plan, tasks, device)
 
     def row_sqnorm(self, weight: Tensor) -> Tensor:
         return weight.to(accumulation_dtype(weight.dtype)).square().sum(dim=1)
@@ -259,23 +326,19 @@ class TorchBackend(Backend):
         layers = self.layer_tables(plan, grads.device)
         g = grads.to(accumulation_dtype(grads.dtype))  # bf16/fp16: one fp32 copy
         width, chunks = chunk.width, chunk.chunks
-        # [M, T, K]: chunk m of every task (a view: no copy).
-        g_chunks = g.narrow(1, chunk.phase, chunks * width).view(num_tasks, chunks, width)
-        g_chunks = g_chunks.permute(1, 0, 2)
+        g_chunks = _chunks(g, chunk)  # [M, T, K]
         g_mixed = g.index_select(1, chunk.mixed_index)  # [T, Q]
 
         # Gaps borrow channel slot C (task 0, coefficient 0): harmless stand-ins.
         seg_top = torch.cat([top, top.new_zeros(1)]).index_select(0, chunk.seg_channel)  # [S]
-        # Per-segment Gram rows <G_top, G_j>: pure chunks through their Gram matrices ...
-        gram = torch.bmm(g_chunks, g_chunks.transpose(1, 2)).flatten(1)  # [M, T * T]
-        seg_gram = _segment_sum(gram.index_select(0, chunk.pure_chunks), chunk.pure_lengths, 0)
-        top_rows = seg_top[:, None] * num_tasks + torch.arange(num_tasks, device=g.device)
-        seg_dots = seg_gram.gather(1, top_rows).t()  # [T, S]
-        # ... mixed elements one by one.
-        # G_top at each mixed element: one flat index_select (gather along T is slower).
-        mixed_top = seg_top.index_select(0, chunk.mixed_segment) * numel + chunk.mixed_index
-        mixed_products = g_mixed * g.view(-1).index_select(0, mixed_top)
-        seg_dots = seg_dots + _segment_sum(mixed_products, chunk.mixed_lengths)
+        out_chunks = out.narrow(0, chunk.phase, chunks * width).view(chunks, 1, width)
+        # Per-segment dot products <G_top, G_j>: pure chunks through batched products ...
+        seg_dots = _pure_dots(g, seg_top, chunk, out_chunks if out.dtype == g.dtype else None)
+        # ... mixed elements one by one; G_top there through one flat index_select (a gather
+        # along T is slower).
+        mixed_top = (seg_top * numel).index_select(0, chunk.mixed_segment) + chunk.mixed_index
+        top_mixed = g.view(-1).index_select(0, mixed_top)  # [Q]
+        seg_dots = seg_dots + _segment_sum(g_mixed * top_mixed, chunk.mixed_lengths)
         dots = seg_dots.index_select(1, chunk.chan_segment)  # [T, C]
 
         coef = coefficients(dots, top, layers, group=group, project_uniform=project_uniform)
@@ -283,12 +346,11 @@ class TorchBackend(Backend):
             1, chunk.seg_channel
         )  # [T, S]
         is_top = seg_top[None, :] == torch.arange(num_tasks, device=g.device)[:, None]
-        # sum_j G'_j = sum_t w_t G_t with w_t = 1 - (sum_j coef_j) * [t == top].
-        weights = 1 - is_top.to(coef.dtype) * coef_seg.sum(dim=0)  # [T, S]
-
-        chunk_weights = weights.t().index_select(0, chunk.chunk_segment)[:, None, :]  # [M, 1, T]
-        mixed_out = (g_mixed * weights.index_select(1, chunk.mixed_segment)).sum(dim=0)  # [Q]
-        out_chunks = out.narrow(0, chunk.phase, chunks * width).view(chunks, 1, width)
+        # sum_j G'_j = sum_t G_t - shrink * G_top = sum_t w_t G_t, w_t = 1 - shrink * [t == top].
+        shrink = coef_seg.sum(dim=0)  # [S]
+        weights = (1 - is_top.to(coef.dtype) * shrink).t().contiguous()  # [S, T]
+        chunk_weights = weights.index_select(0, chunk.chunk_segment)[:, None, :]  # [M, 1, T]
+        mixed_out = g_mixed.sum(dim=0) - shrink.index_select(0, chunk.mixed_segment) * top_mixed
         if out.dtype == g.dtype:
             _bmm_into(chunk_weights, g_chunks, out_chunks)
         else:  # bf16/fp16: rounded once, from the fp32 sum
