@@ -463,6 +463,36 @@ def markdown_table(rows: Sequence[Row]) -> str:
     return "\n".join(lines)
 
 
+def summary_table(rows: Sequence[Row]) -> str:
+    """One line per workload: the floor's time, then every other case's ratio to the floor
+    as ``median (first-third quartile)`` over the rounds."""
+    workloads: dict[tuple[str, int, str], dict[str, Row]] = {}
+    for r in rows:
+        name = r.backend if r.mode == "-" else f"{r.backend} {r.mode}"
+        if r.timing == "graph" and r.backend != FLOOR:
+            name += " (graph)"
+        workloads.setdefault((r.model, r.tasks, r.dtype), {})[name] = r
+    columns = [c for c in dict.fromkeys(k for cases in workloads.values() for k in cases)]
+    columns = [c for c in columns if c != FLOOR]
+    lines = [
+        "| model | T | dtype | floor ms | " + " | ".join(f"{c} x floor" for c in columns) + " |",
+        "|---|---:|---|---:|" + "---:|" * len(columns),
+    ]
+    for (model, tasks, dtype), cases in workloads.items():
+        if FLOOR not in cases:
+            continue
+        cells = []
+        for c in columns:
+            r = cases.get(c)
+            cells.append("-" if r is None else f"{r.x_floor:.2f} ({_spread(r.x_floor_iqr, 2)})")
+        lines.append(
+            f"| {model} | {tasks} | {dtype or '-'} | {cases[FLOOR].ms:.2f} | "
+            + " | ".join(cells)
+            + " |"
+        )
+    return "\n".join(lines)
+
+
 def save_json(
     rows: Sequence[Row],
     device: torch.device,
@@ -607,6 +637,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     print()
     print(markdown_table(rows))
+    print()
+    print(summary_table(rows))
     if args.save:
         print(f"\nsaved {save_json(rows, device, when, args, loads).relative_to(ROOT)}")
 

@@ -8,19 +8,21 @@ The flat buffer ``[0, N)`` is cut into *segments* in offset order: every channel
 layer, and every plainly summed gap. A fixed grid of *chunks* of ``width`` elements (from
 element ``phase``) lies over it; a chunk that falls inside one segment is *pure*, and nearly
 every element of a real model is in one (rows are multiples of 16 or more elements). Over the
-pure chunks, two batched matrix products do all the work, reading the gradients twice and
-writing nothing larger than ``out``:
+chunks, batched matrix products do the work without any ``[T, N]`` or ``[N]`` temporary
+(on a CPU each fresh buffer that size costs page faults on every call):
 
-* the per-chunk Gram matrices ``[chunks, T, T]`` (``bmm``), summed per segment, give every
-  row's dot products ``<G_i, G_j>``, so the top task's row need not be gathered;
-* the combined gradient is one weighted sum per chunk, ``out = sum_t w_t * G_t`` with
+* every row's dot products ``<G_top, G_j>``: up to `GRAM_MAX_TASKS` tasks, from per-chunk
+  Gram matrices ``[chunks, T, T]`` (no gather of the top task's rows); beyond, from each
+  chunk's top-task row, gathered into ``out`` (which is overwritten later) through a view of
+  overlapping rows, times every task's row; summed per segment;
+* the combined gradient: one weighted sum per chunk, ``out = sum_t w_t * G_t`` with
   ``w_t = 1 - shrink * [t == top]`` (``sum_j G'_j = sum_t G_t - (sum_j coef_j) * G_top``),
   a ``bmm`` that writes ``out`` in place.
 
 The few elements outside pure chunks (row ends that miss the grid, short rows, the buffer's
 ends) take an element-wise path through index tables. The grid's width and phase are chosen
-per plan to leave the fewest such elements; every table is built once per plan, task count
-and device, and cached on the plan.
+per plan and task count to leave few such elements and few matrices; every table is built
+once per plan, task count and device, and cached on the plan.
 """
 
 from __future__ import annotations
