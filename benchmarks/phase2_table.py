@@ -508,6 +508,7 @@ def save_json(
         "device_type": device.type,
         "threads": torch.get_num_threads(),
         "load": {"busy_processes": args.load},
+        "note": args.note,
         "torch": torch.__version__,
         "triton": _triton_version(),
         "python": platform.python_version(),
@@ -584,6 +585,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="run N busy processes (one core each) beside the timings (default 0)",
     )
     p.add_argument("--name", help="file name (without .json) for --save")
+    p.add_argument("--note", default="", help="free text saved with the results (conditions)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="resnet18, T=2, 3 repeats")
     p.add_argument("--save", action="store_true", help="write benchmarks/results/*.json")
@@ -630,6 +632,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                     torch.cuda.empty_cache()
     loads = (load_start, load_average())
     print(header(device, when, args.load))
+    if args.note:
+        print(f"note: {args.note}")
     print(
         f"median of {args.repeats} round-robin rounds ({args.slow_repeats} if slow), with the "
         f"interquartile range; timing 'graph' = CUDA graph replay; 1-min load average "
