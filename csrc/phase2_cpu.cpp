@@ -16,7 +16,8 @@
 //   - group mode, a whole layer that fits one item: both passes on the layer, in cache;
 // or one piece of a *scope*, work whose projection needs dot products summed over several
 // items (a group-mode layer larger than an item, or a channel-mode row longer than an item):
-//   pass 1: the item's dots go into its own partial [T, T] (top task, task) sums;
+//   pass 1: the item's dots go into its own partial sums: [T, T] (top task, task) for a
+//           layer, [T] for a row;
 //   finish: the thread finishing the scope's last pass-1 item (an atomic counter decides) sums
 //           the partials in item order and writes the scope's coefficients;
 //   pass 2: the scope's items become claimable (reverse order: the rows pass 1 touched last are
@@ -57,7 +58,10 @@ constexpr auto kHelpWindow = std::chrono::microseconds(500);
 // Per-task elements per item for T tasks: a multiple of kLanes, so long rows split into
 // pieces whose only lane tail is at the row's end.
 int64_t item_row_elements(int64_t tasks) {
-  const int64_t e = std::clamp<int64_t>(kItemWork / tasks, kMinItemRow, kMaxItemRow);
+  // At least 16 T elements per task: a group-mode item's [T, T] partial sums stay a 16th of
+  // the gradients it reads, whatever T.
+  const int64_t e = std::max(std::clamp<int64_t>(kItemWork / tasks, kMinItemRow, kMaxItemRow),
+                             16 * tasks);
   return e / kLanes * kLanes;
 }
 
@@ -82,10 +86,14 @@ struct Item {
   int64_t scope;  // -1: self-contained; else one piece, pass 1 of that scope
 };
 
+// A group-mode layer's sums are [T, T] (top task, task); a channel-mode long row's are [T].
 struct Scope {
   int64_t first_item;  // pass-1 items [first_item, first_item + items), in order
   int64_t items;
-  int64_t first_slot;  // their partial sums: slots [first_slot, first_slot + items)
+  bool group;
+  int64_t partials;  // item k's partial sums at partials + k * stride, in the shared buffer
+  int64_t stride;    // sums per item (T * T or T), padded to a whole number of cache lines
+  int64_t coefs;     // its coefficients (T * T or T) in the shared buffer
 };
 
 // The counters one scope's threads share; each scope on its own cache line.
@@ -100,12 +108,13 @@ struct Schedule {
   std::vector<Piece> pieces;
   std::vector<Item> items;
   std::vector<Scope> scopes;
-  int64_t slots = 0;
+  int64_t partial_size = 0;  // accumulators all scopes' partial sums take
+  int64_t coef_size = 0;     // and their coefficients
 };
 
 class ScheduleBuilder {
  public:
-  explicit ScheduleBuilder(int64_t tasks) : row_(item_row_elements(tasks)) {}
+  explicit ScheduleBuilder(int64_t tasks) : tasks_(tasks), row_(item_row_elements(tasks)) {}
 
   void gap(int64_t offset, int64_t length) {
     for (int64_t at = 0; at < length; at += row_) {
@@ -132,7 +141,7 @@ class ScheduleBuilder {
       add_free({offset, channels, row_length, first, Kind::kGroupLayer}, channels * row_length);
       return;
     }
-    open_scope();
+    open_scope(true);
     if (row_length > row_) {
       for (int64_t c = 0; c < channels; ++c) {
         split_row(offset + c * row_length, row_length, first + c);
@@ -152,7 +161,7 @@ class ScheduleBuilder {
  private:
   // Channel mode: a row longer than an item is its own scope.
   void long_row(int64_t offset, int64_t row_length, int64_t channel) {
-    open_scope();
+    open_scope(false);
     split_row(offset, row_length, channel);
     close_scope();
   }
@@ -178,9 +187,13 @@ class ScheduleBuilder {
     batch_size_ += size;
   }
 
-  void open_scope() {
+  void open_scope(bool group) {
     batch_open_ = false;
-    s_.scopes.push_back({static_cast<int64_t>(s_.items.size()), 0, s_.slots});
+    const int64_t width = group ? tasks_ * tasks_ : tasks_;
+    const int64_t stride = (width + kPad - 1) / kPad * kPad;
+    s_.scopes.push_back({static_cast<int64_t>(s_.items.size()), 0, group, s_.partial_size,
+                         stride, s_.coef_size});
+    s_.coef_size += width;
   }
 
   void add_scoped(const Piece& piece) {
@@ -190,8 +203,12 @@ class ScheduleBuilder {
     s_.scopes.back().items += 1;
   }
 
-  void close_scope() { s_.slots += s_.scopes.back().items; }
+  void close_scope() { s_.partial_size += s_.scopes.back().items * s_.scopes.back().stride; }
 
+  // Partial sums of neighbouring items are written by different threads: 16 accumulators
+  // (a 64-byte line of fp32) apart at least.
+  static constexpr int64_t kPad = 16;
+  int64_t tasks_;
   int64_t row_;
   Schedule s_;
   bool batch_open_ = false;
@@ -371,11 +388,9 @@ class Phase2Run {
         s_(schedule),
         top_(top),
         tasks_(rows.tasks()),
-        // Each partial [T, T] on its own cache lines: neighbours are written by other threads.
-        stride_((tasks_ * tasks_ + kLineAcc - 1) / kLineAcc * kLineAcc),
         state_(new ScopeState[schedule.scopes.size()]),
-        partials_(static_cast<size_t>(schedule.slots * stride_)),
-        coefs_(schedule.scopes.size() * static_cast<size_t>(tasks_ * tasks_)) {}
+        partials_(static_cast<size_t>(schedule.partial_size)),
+        coefs_(static_cast<size_t>(schedule.coef_size)) {}
 
   int64_t num_items() const { return static_cast<int64_t>(s_.items.size()); }
 
@@ -399,8 +414,6 @@ class Phase2Run {
   }
 
  private:
-  static constexpr int64_t kLineAcc = 64 / static_cast<int64_t>(sizeof(acc_t));
-
   struct Scratch {
     acc_t* lanes;
     acc_t* dots;
@@ -418,8 +431,8 @@ class Phase2Run {
     const Scope& scope = s_.scopes[item.scope];
     const Piece& piece = s_.pieces[item.first_piece];
     const int64_t T = tasks_;
-    acc_t* partial = partials_.data() + (scope.first_slot + i - scope.first_item) * stride_;
-    std::fill(partial, partial + T * T, acc_t(0));
+    acc_t* partial = partials_.data() + scope.partials + (i - scope.first_item) * scope.stride;
+    std::fill(partial, partial + (scope.group ? T * T : T), acc_t(0));
     if (piece.kind == Kind::kScopeRows) {
       for (int64_t c = 0; c < piece.length; ++c) {
         const int64_t t = top_[piece.channel + c];
@@ -431,7 +444,7 @@ class Phase2Run {
     } else {  // kScopePiece
       const int64_t t = top_[piece.channel];
       rows_.dots_and_sum(piece.offset, piece.length, t, w.dots, w.lanes);
-      std::copy(w.dots, w.dots + T, partial + t * T);
+      std::copy(w.dots, w.dots + T, partial + (scope.group ? t * T : 0));
     }
     ScopeState& state = state_[item.scope];
     if (state.finished.fetch_add(1, std::memory_order_acq_rel) == scope.items - 1) {
@@ -468,34 +481,41 @@ class Phase2Run {
     }
   }
 
-  // The scope's last pass-1 item is done: its (top task, task) sums in item order, then the
-  // coefficients of every group (of the one row, for a channel-mode scope).
+  // The scope's last pass-1 item is done: its sums in item order, then the coefficients of
+  // every group (of the one row, for a channel-mode scope).
   void finish_scope(int64_t s) {
     const Scope& scope = s_.scopes[s];
     const int64_t T = tasks_;
-    acc_t* coef = coefs_.data() + s * T * T;
-    std::vector<acc_t> sums(static_cast<size_t>(T * T), acc_t(0));
+    const int64_t width = scope.group ? T * T : T;
+    acc_t* coef = coefs_.data() + scope.coefs;
+    std::vector<acc_t> sums(static_cast<size_t>(width), acc_t(0));
     for (int64_t k = 0; k < scope.items; ++k) {
-      const acc_t* partial = partials_.data() + (scope.first_slot + k) * stride_;
-      for (int64_t e = 0; e < T * T; ++e) sums[e] += partial[e];
+      const acc_t* partial = partials_.data() + scope.partials + k * scope.stride;
+      for (int64_t e = 0; e < width; ++e) sums[e] += partial[e];
     }
-    for (int64_t t = 0; t < T; ++t) rows_.coefficients(sums.data() + t * T, t, coef + t * T);
+    if (scope.group) {
+      for (int64_t t = 0; t < T; ++t) rows_.coefficients(sums.data() + t * T, t, coef + t * T);
+    } else {
+      const Piece& piece = s_.pieces[s_.items[scope.first_item].first_piece];
+      rows_.coefficients(sums.data(), top_[piece.channel], coef);
+    }
     state_[s].ready.store(true, std::memory_order_release);
   }
 
   // Pass 2 of item `i` of scope `s`.
   void project_item(int64_t s, int64_t i) {
+    const Scope& scope = s_.scopes[s];
     const Piece& piece = s_.pieces[s_.items[i].first_piece];
-    const acc_t* coef = coefs_.data() + s * tasks_ * tasks_;
+    const acc_t* coef = coefs_.data() + scope.coefs;
+    const auto coef_of = [&](int64_t t) { return scope.group ? coef + t * tasks_ : coef; };
     if (piece.kind == Kind::kScopeRows) {
       for (int64_t c = piece.length - 1; c >= 0; --c) {
         const int64_t t = top_[piece.channel + c];
-        rows_.project_row(piece.offset + c * piece.row_length, piece.row_length, t,
-                          coef + t * tasks_);
+        rows_.project_row(piece.offset + c * piece.row_length, piece.row_length, t, coef_of(t));
       }
     } else {
       const int64_t t = top_[piece.channel];
-      rows_.project_row(piece.offset, piece.length, t, coef + t * tasks_);
+      rows_.project_row(piece.offset, piece.length, t, coef_of(t));
     }
   }
 
@@ -540,7 +560,6 @@ class Phase2Run {
   const Schedule& s_;
   const int64_t* top_;
   const int64_t tasks_;
-  const int64_t stride_;
   std::unique_ptr<ScopeState[]> state_;
   std::vector<acc_t> partials_;
   std::vector<acc_t> coefs_;

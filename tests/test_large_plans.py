@@ -177,3 +177,23 @@ def test_torch_backend_compiles_above_the_gram_task_count() -> None:
     torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
     expected = ck.phase2(grads, plan, top=top, backend="reference")
     assert_close(eager, expected, torch.float32, "torch")
+
+
+@needs_cpu
+@pytest.mark.parametrize("mode", ["group", "channel"])
+def test_cpu_many_tasks(mode: str) -> None:
+    """T = 40 (the generic kernel, items of 1632 elements per task): a split row and a
+    scoped layer, whose partial sums are [T, T] per item in group mode and [T] per piece of
+    a row in channel mode."""
+    plan = ck.Phase2Plan([(3, 2, 3_000), (6_010, 30, 100)], 9_100)
+    gen = torch.Generator().manual_seed(6)
+    grads = torch.randn(40, plan.numel, generator=gen, dtype=torch.float64)
+    top = torch.randint(0, 40, (plan.total_channels,), generator=gen)
+    expected, expected_tasks = ck.phase2(
+        grads, plan, top=top, mode=mode, uniform="project", per_task=True, backend="reference"
+    )
+    actual, actual_tasks = ck.phase2(
+        grads, plan, top=top, mode=mode, uniform="project", per_task=True, backend="cpu"
+    )
+    assert_close(actual, expected, torch.float64, mode)
+    assert_close(actual_tasks, expected_tasks, torch.float64, mode + " per_task")
