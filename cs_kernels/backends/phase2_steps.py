@@ -8,7 +8,7 @@ splits Phase 2 into steps, so that only small per-channel statistics cross proce
    rows (on the rows a process holds);
 2. `projection_coefficients`: from the Gram matrices and top tasks of *every* channel, the
    coefficient ``coef[j, c]`` with ``G'_j[c] = G_j[c] - coef[j, c] * G_top(c)[c]``: the group
-   sums, ``a < 0`` tests and uniform-priority rule of ALGORITHM.md (small tensors);
+   sums, ``a < 0`` tests and uniform-priority rule of docs/algorithm.md (small tensors);
 3. `project`: ``out = sum_t G_t - (sum_j coef[j, c]) * G_top(c)[c]`` on the local rows.
 
 No Python loop over tasks or layers and no host synchronisation (every size comes from the

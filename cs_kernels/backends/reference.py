@@ -1,6 +1,6 @@
-"""The reference backend: a literal transcription of ALGORITHM.md, loops and all.
+"""The reference backend: a literal transcription of docs/algorithm.md, loops and all.
 
-It is the oracle for every parity test. It favours being read beside ALGORITHM.md over
+It is the oracle for every parity test. It favours being read beside docs/algorithm.md over
 speed: Python loops over layers, groups and tasks, every quantity computed in float64.
 """
 

@@ -9,7 +9,7 @@
 Phase 1 (learn task priority) takes one optimizer step per task; Phase 2 (conserve task
 priority) back-propagates every task into its row of the zero-copy ``[T, N]`` buffer, reads
 the strengths from the live shared weights and task-specific connections, and leaves the
-combined gradient in ``.grad`` (ALGORITHM.md). The phase of each batch is drawn from the
+combined gradient in ``.grad`` (docs/algorithm.md). The phase of each batch is drawn from the
 controller's own seeded generator, saved by `state_dict`.
 """
 

@@ -1,4 +1,4 @@
-"""Phase 2 kernels over the stacked buffer ``grads: [T, N]`` (ALGORITHM.md, "Phase 2").
+"""Phase 2 kernels over the stacked buffer ``grads: [T, N]`` (docs/algorithm.md, "Phase 2").
 
 One launch of `pass1_kernel` covers every layer and gap of the plan, one program per work
 item (`work_items`):
