@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 READY  := $(VENV)/.cs_kernels_ready
 
-.PHONY: setup build test test-fast test-models lint cuda-check gpu-check demo reproduce bench clean
+.PHONY: setup build test test-fast test-models lint cuda-check gpu-check demo reproduce bench bench-load clean
 
 setup: $(READY)
 
@@ -62,6 +62,10 @@ bench: $(READY)
 	$(PY) benchmarks/phase2_table.py --save
 	$(PY) -m pytest -q benchmarks --benchmark-only --benchmark-json=benchmarks/results/pytest-benchmark-latest.json
 	$(PY) benchmarks/step_table.py --save
+
+# The Phase 2 table beside three busy processes (as data-loader workers or a second job would be).
+bench-load: $(READY)
+	$(PY) benchmarks/phase2_table.py --load 3 --save
 
 clean:
 	rm -rf $(VENV) .venv-triton36 .venv-models build *.egg-info cs_kernels/*.so
