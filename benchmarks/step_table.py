@@ -66,7 +66,10 @@ from torch import Tensor
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "python"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT))
+
+from phase2_table import git  # noqa: E402
 
 import cs_kernels as ck  # noqa: E402
 from cs_kernels._device import device_name  # noqa: E402
@@ -96,16 +99,6 @@ StepFn = Callable[[], float]  # runs one step, returns the seconds spent combini
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def git(*args: str) -> str | None:
-    try:
-        result = subprocess.run(
-            ["git", *args], cwd=ROOT, capture_output=True, text=True, check=True
-        )
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return result.stdout.strip()
 
 
 # ------------------------------------------------------------------------------ the worker

@@ -93,3 +93,14 @@ def assert_close(
 @pytest.fixture
 def device() -> torch.device:
     return DEVICE
+
+
+def report_line(request: pytest.FixtureRequest, line: str) -> None:
+    """Print ``line`` on the terminal even though pytest captures output."""
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    if capture is None or reporter is None:
+        print(line)
+        return
+    with capture.global_and_fixture_disabled():
+        reporter.write_line(line)

@@ -32,6 +32,7 @@ import torch
 
 import cs_kernels as ck
 from cs_kernels.model_shapes import model_plan
+from tests.conftest import report_line
 
 try:
     import triton
@@ -58,17 +59,6 @@ def _bootstrap() -> ModuleType:
 
 
 bootstrap = _bootstrap()
-
-
-def _report(request: pytest.FixtureRequest, line: str) -> None:
-    """Print ``line`` on the terminal even though pytest captures output."""
-    capture = request.config.pluginmanager.get_plugin("capturemanager")
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    if capture is None or reporter is None:
-        print(line)
-        return
-    with capture.global_and_fixture_disabled():
-        reporter.write_line(line)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -102,7 +92,7 @@ def test_every_configuration_compiles(request: pytest.FixtureRequest) -> None:
     workers = aot.default_workers()
     start = time.monotonic()
     results = aot.compile_all(selected, workers)
-    _report(request, aot.summary(results, time.monotonic() - start, workers))
+    report_line(request, aot.summary(results, time.monotonic() - start, workers))
     assert len(results) == len(selected)
     assert all(r.error is None for r in results), _failures(results)
 
@@ -124,7 +114,7 @@ def test_every_configuration_compiles_with_the_gpu_machines_triton(
     )  # fmt: skip
     lines = [line for line in proc.stdout.splitlines() if line.startswith("[aot] triton")]
     for line in lines:
-        _report(request, line)
+        report_line(request, line)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
     expected = bootstrap.GPU_TOOLCHAIN_TRITON
     assert lines and lines[-1].startswith(f"[aot] triton {expected}:"), proc.stdout[-3000:]

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import TRITON
+from tests.conftest import TRITON, report_line
 
 ROOT = Path(__file__).resolve().parent.parent
 SUITES = [
@@ -71,17 +71,6 @@ def summary_counts(output: str) -> dict[str, int] | None:
     return None
 
 
-def _report(request: pytest.FixtureRequest, line: str) -> None:
-    """Print ``line`` on the terminal even though pytest captures output."""
-    capture = request.config.pluginmanager.get_plugin("capturemanager")
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    if capture is None or reporter is None:
-        print(line)
-        return
-    with capture.global_and_fixture_disabled():
-        reporter.write_line(line)
-
-
 def _command(python: str) -> list[str]:
     return [
         python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "triton",
@@ -103,7 +92,7 @@ def test_triton_suites_pass_under_the_interpreter(request: pytest.FixtureRequest
     elif gpu_python is None:
         if CI:
             pytest.fail(f"CI=true: the GPU machines' toolchain is required: {why}")
-        _report(request, f"[interpreter] left out the GPU machines' triton: {why}")
+        report_line(request, f"[interpreter] left out the GPU machines' triton: {why}")
     env = {k: v for k, v in os.environ.items() if k != "CS_KERNELS_BACKEND"}
     env.update(TRITON_INTERPRET="1", CS_KERNELS_TEST_DEVICE="cpu")
     problems = []
@@ -120,7 +109,7 @@ def test_triton_suites_pass_under_the_interpreter(request: pytest.FixtureRequest
             output = logs[name].read_text()
             counts = summary_counts(output)
             report = f"--- {name} ({pythons[name]}) ---\n{output[-6000:]}"
-            _report(request, f"[interpreter] {name}: {counts}")
+            report_line(request, f"[interpreter] {name}: {counts}")
             if child.returncode != 0 or counts is None:
                 problems.append(f"exit status {child.returncode}\n{report}")
             elif counts.get("failed", 0) or counts.get("errors", 0):
