@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 READY  := $(VENV)/.cs_kernels_ready
 
-.PHONY: setup build test test-fast lint cuda-check demo reproduce bench clean
+.PHONY: setup build test test-fast test-models lint cuda-check gpu-check demo reproduce bench bench-load clean
 
 setup: $(READY)
 
@@ -19,14 +19,34 @@ build: $(READY)
 lint: $(READY)
 	$(PY) tools/static_checks.py
 
+# Also under the GPU machines' triton 3.6.0 (.venv-triton36, made by the set-up): the
+# ahead-of-time compile of every kernel configuration and the interpreter suites. Then the
+# real torchvision/timm models (test-models).
 test: $(READY)
 	$(PY) tools/static_checks.py
 	$(PY) tools/check_cuda_compile.py
 	CS_KERNELS_REQUIRE_CPU=1 $(PY) -m pytest -q tests
+	$(MAKE) test-models
+
+# The real torchvision/timm models (tests/test_real_models.py) in an interpreter that imports
+# them: .venv where it does (GPU machines), else .venv-models (created on first use: a CUDA build
+# of torch that runs on the CPU, with torchvision and timm; about 5.5 GB).
+test-models: $(READY)
+	$(PYTHON) tools/models_env.py --main $(PY) --venv .venv-models
 
 # Compile-only check of the CUDA kernels (sm_80, sm_90); skipped with a message without nvcc.
 cuda-check: $(READY)
 	$(PY) tools/check_cuda_compile.py
+
+# The prepared GPU run (tools/gpu_check.py, about 9 minutes on an H100/H200): build for the
+# visible GPU, the suite on CUDA, the benchmark table, the demo on CUDA; logs and JSON into
+# $(RESULTS). No set-up and no network: $(PYTHON) must already have torch with CUDA, triton,
+# pytest, hypothesis, ninja and pybind11. A rerun can skip stages:
+#   make gpu-check RESULTS=out GPU_CHECK_FLAGS="--skip build"
+RESULTS ?= gpu-check-results
+GPU_CHECK_FLAGS ?=
+gpu-check:
+	$(PYTHON) tools/gpu_check.py --results $(RESULTS) $(GPU_CHECK_FLAGS)
 
 test-fast: $(READY)
 	$(PY) -m pytest -q -x tests
@@ -47,6 +67,11 @@ reproduce: $(READY)
 bench: $(READY)
 	$(PY) benchmarks/phase2_table.py --save
 	$(PY) -m pytest -q benchmarks --benchmark-only --benchmark-json=benchmarks/results/pytest-benchmark-latest.json
+	$(PY) benchmarks/step_table.py --save
+
+# The Phase 2 table beside three busy processes (as data-loader workers or a second job would be).
+bench-load: $(READY)
+	$(PY) benchmarks/phase2_table.py --load 3 --save
 
 clean:
-	rm -rf $(VENV) build *.egg-info cs_kernels/*.so
+	rm -rf $(VENV) .venv-triton36 .venv-models build *.egg-info cs_kernels/*.so

@@ -1,11 +1,11 @@
 """Phase 2 timing table: every backend against the floor, the authors'-style loop and
-``torch.compile`` of the ``torch`` backend.
+``torch.compile`` of the ``torch`` backend, on a quiet machine or beside busy processes.
 
 For each workload (a backbone plan and a task count ``T``) and dtype, this script builds
 random per-task gradients ``grads: [T, N]`` and random connection strengths, computes the
 top-priority tasks once, and times, in the same run on the same device:
 
-* the floor, ``torch.sum(grads, 0, out=out)`` (ALGORITHM.md, "Cost floor");
+* the floor, ``torch.sum(grads, 0, out=out)`` (docs/algorithm.md, "Cost floor");
 * ``cs_kernels.phase2`` for every available backend except ``reference``, in each mode;
 * ``torch.compile`` of ``cs_kernels.phase2(..., backend="torch")`` (GPU default; ``--compiled``);
 * the authors'-style loop (`cs_kernels.baseline_loop.authors_style_phase2`, group mode).
@@ -16,22 +16,31 @@ replays of a CUDA graph of one call (``timing = graph``: the GPU time, without P
 launch overhead), and ``triton`` also eagerly (``timing = eager``); the ``torch`` backend,
 the compiled one and the authors' loop are timed eagerly.
 
-Each time is the median of ``--repeats`` wall times after warming up (at least one call,
-and at least ``--warmup-seconds``). A call whose first run takes longer than
-``--slow-seconds`` is timed only ``--slow-repeats`` times (on CPU: the ``torch`` backend
-and the authors' loop), and one longer than ``--very-slow-seconds`` by that first run alone,
-so the default run stays within a few minutes.
+Every case of a workload is warmed up (at least one call, and at least
+``--warmup-seconds``), then the cases are timed *round-robin*, one call each per round, for
+``--repeats`` rounds: the floor and every case see the same moments of a busy machine. A
+call whose first run takes longer than ``--slow-seconds`` is timed only in the first
+``--slow-repeats`` rounds, and one longer than ``--very-slow-seconds`` by that first run
+alone, so the default run stays within a few minutes. Each row reports the median time with
+its interquartile range, and its ratio to the floor: the median and interquartile range of
+the per-round ratios (this round's time over the same round's floor).
+
+``--load N`` starts N busy processes (each spins one core in a pure-Python loop) before the
+timings and stops them after: the table then shows how each case holds up beside other work
+(data-loader workers, a second job), against the floor measured under the same load.
 
 Usage (from the repository root)::
 
     .venv/bin/python benchmarks/phase2_table.py             # full table
     .venv/bin/python benchmarks/phase2_table.py --quick     # resnet18, T=2, a few seconds
+    .venv/bin/python benchmarks/phase2_table.py --load 3    # beside three busy processes
     .venv/bin/python benchmarks/phase2_table.py --save      # also write benchmarks/results/
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import functools
 import gc
@@ -43,7 +52,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -78,7 +87,9 @@ MODELS = {
     "resnet50x4": lambda: resnet50_conv_shapes() * 4,  # 93.8M elements: "about 100M"
 }
 QUICK = {"models": ["resnet18"], "tasks": [2], "repeats": 3, "slow_repeats": 1}
-DEFAULTS = {"repeats": 7, "slow_repeats": 3}
+DEFAULTS = {"repeats": 9, "slow_repeats": 3}
+# A busy process: one core's worth of pure-Python work, until it is killed.
+SPIN = "while True: pass"
 GPU_WORKLOADS = {"models": list(MODELS), "tasks": [2, 3, 5, 10, 20]}
 GPU_DTYPES = ["float32", "bfloat16"]
 # CPU: both ResNets at T = 2, 3, 5, and one T = 20 row (the authors' loop is slow there).
@@ -96,12 +107,16 @@ class Row:
     backend: str
     ms: float
     gb_per_s: float  # the floor's traffic, (T + 1) * N elements, divided by this time
-    x_floor: float
+    x_floor: float  # median over rounds of (this round's time / this round's floor)
     speedup_vs_authors: float | None
     times_ms: list[float] = field(default_factory=list)
     dtype: str = ""
     timing: str = "eager"  # "graph": replays of a captured CUDA graph
     speedup_vs_compiled: float | None = None  # time of torch.compile(torch) / this time
+    ms_iqr: tuple[float, float] | None = None  # first and third quartiles of times_ms
+    ms_range: tuple[float, float] | None = None  # fastest and slowest of times_ms
+    x_floor_iqr: tuple[float, float] | None = None  # quartiles of the per-round floor ratios
+    load: int = 0  # busy processes running beside the timings
 
 
 class Case(NamedTuple):
@@ -164,37 +179,83 @@ def load_average() -> float | None:
 # ------------------------------------------------------------------------------ timing
 
 
-def time_call(
-    fn: Callable[[], object],
-    device: torch.device,
-    args: argparse.Namespace,
-) -> list[float]:
-    """Wall times in ms of ``args.repeats`` calls of ``fn()``, after warming up.
-
-    Warm-up repeats the call until ``args.warmup_seconds`` have passed (at least once): a
-    few calls are not enough for a memory-bound kernel of a few ms to reach steady speed.
-    A call whose first run takes longer than ``args.slow_seconds`` is timed only
-    ``args.slow_repeats`` times; one longer than ``args.very_slow_seconds`` (default 5 s: the
-    authors' loop at large T on a CPU) is not repeated, its first run is the sample.
-    """
+def _timed(fn: Callable[[], object], device: torch.device) -> float:
+    """Wall time in ms of one call of ``fn()`` (synchronised on accelerators)."""
     synchronize(device)
-    begin = time.perf_counter()
+    start = time.perf_counter()
     fn()
     synchronize(device)
-    first = time.perf_counter() - begin
-    if first > getattr(args, "very_slow_seconds", 5.0):
-        return [first * 1e3]
+    return (time.perf_counter() - start) * 1e3
+
+
+def warm_up(
+    fn: Callable[[], object], device: torch.device, args: argparse.Namespace
+) -> tuple[float, int]:
+    """Call ``fn`` until ``args.warmup_seconds`` have passed (at least once): a few calls are
+    not enough for a memory-bound kernel of a few ms to reach steady speed.
+
+    Returns the first call's time in ms and how many timed calls the case gets:
+    ``args.repeats``, ``args.slow_repeats`` when the first call took longer than
+    ``args.slow_seconds``, and 0 (its first call is its sample) when it took longer than
+    ``args.very_slow_seconds`` (default 5 s: the authors' loop at large T on a CPU).
+    """
+    begin = time.perf_counter()
+    first = _timed(fn, device)
+    if first > getattr(args, "very_slow_seconds", 5.0) * 1e3:
+        return first, 0
     while time.perf_counter() - begin < args.warmup_seconds:
-        fn()
-        synchronize(device)
-    repeats = args.repeats if first <= args.slow_seconds else min(args.repeats, args.slow_repeats)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    return times
+        _timed(fn, device)
+    repeats = (
+        args.repeats if first <= args.slow_seconds * 1e3 else min(args.repeats, args.slow_repeats)
+    )
+    return first, repeats
+
+
+def time_round_robin(
+    fns: Sequence[Callable[[], object]], device: torch.device, args: argparse.Namespace
+) -> list[list[float]]:
+    """Wall times in ms of each of ``fns``: each warmed up (`warm_up`), then timed one call
+    per round, all of them round after round, so that they share the machine's moments."""
+    plans = [warm_up(fn, device, args) for fn in fns]
+    times: list[list[float]] = [[] for _ in fns]
+    for round_index in range(max((repeats for _, repeats in plans), default=0)):
+        for fn, (_, repeats), samples in zip(fns, plans, times, strict=True):
+            if round_index < repeats:
+                samples.append(_timed(fn, device))
+    return [samples or [first] for (first, _), samples in zip(plans, times, strict=True)]
+
+
+def time_call(
+    fn: Callable[[], object], device: torch.device, args: argparse.Namespace
+) -> list[float]:
+    """Wall times in ms of one callable (`time_round_robin` of one)."""
+    return time_round_robin([fn], device, args)[0]
+
+
+def quartiles(values: Sequence[float]) -> tuple[float, float]:
+    """First and third quartiles (both the value itself for a single sample)."""
+    if len(values) < 2:
+        return values[0], values[0]
+    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q1, q3
+
+
+@contextlib.contextmanager
+def busy_processes(count: int) -> Iterator[list[subprocess.Popen[bytes]]]:
+    """``count`` processes that each keep one core busy, killed on exit."""
+    procs = [
+        subprocess.Popen([sys.executable, "-c", SPIN], stdin=subprocess.DEVNULL)
+        for _ in range(count)
+    ]
+    try:
+        if procs:
+            time.sleep(0.5)  # let them get going before anything is timed
+        yield procs
+    finally:
+        for proc in procs:
+            proc.kill()
+        for proc in procs:
+            proc.wait()
 
 
 def capture_graph(fn: Callable[[], object], device: torch.device) -> Callable[[], object] | None:
@@ -297,44 +358,59 @@ def bench_workload(
 ) -> list[Row]:
     """Time every candidate on one workload; ratios use this run's floor, authors' loop and
     compiled ``torch`` backend. ``args`` needs ``repeats``, ``slow_repeats``,
-    ``slow_seconds`` and ``warmup_seconds``; ``graphs`` and ``compiled`` default to off."""
+    ``slow_seconds`` and ``warmup_seconds``; ``graphs`` and ``compiled`` default to off;
+    ``load`` (busy processes the caller runs beside it) is only recorded in the rows."""
     device = work.grads.device
     graphs = bool(getattr(args, "graphs", False)) and device.type == "cuda"
     compiled = bool(getattr(args, "compiled", False))
-    timed = []
-    for case in cases(work, backends, modes, graphs=graphs, compiled=compiled):
+    found = cases(work, backends, modes, graphs=graphs, compiled=compiled)
+    calls, timings = [], []
+    for case in found:
         fn, timing = case.call, case.timing
         if timing == "graph":
             replay = capture_graph(fn, device)
             fn, timing = (replay, "graph") if replay is not None else (fn, "eager")
-        times = time_call(fn, device, args)
-        timed.append((case.mode, case.backend, timing, statistics.median(times), times))
-        del fn
-    floor_ms, authors_ms = timed[0][3], timed[1][3]
-    compiled_ms = {mode: ms for mode, backend, _, ms, _ in timed if backend == COMPILED}
+        calls.append(fn)
+        timings.append(timing)
+    samples = time_round_robin(calls, device, args)
+    del calls
+    medians = [statistics.median(times) for times in samples]
+    floor_times, authors_ms = samples[0], medians[1]
+    compiled_ms = {
+        case.mode: ms for case, ms in zip(found, medians, strict=True) if case.backend == COMPILED
+    }
     tasks, numel = work.grads.shape
     floor_bytes = (tasks + 1) * numel * work.grads.element_size()
     dtype = str(work.grads.dtype).removeprefix("torch.")
-    return [
-        Row(
-            model=work.model,
-            numel=numel,
-            tasks=tasks,
-            mode=mode,
-            backend=backend,
-            ms=ms,
-            gb_per_s=floor_bytes / (ms * 1e6),
-            x_floor=ms / floor_ms,
-            speedup_vs_authors=None if backend == AUTHORS else authors_ms / ms,
-            times_ms=times,
-            dtype=dtype,
-            timing=timing,
-            speedup_vs_compiled=(
-                compiled_ms[mode] / ms if mode in compiled_ms and backend != COMPILED else None
-            ),
+    rows = []
+    for case, timing, ms, times in zip(found, timings, medians, samples, strict=True):
+        ratios = [t / f for t, f in zip(times, floor_times, strict=False)]
+        rows.append(
+            Row(
+                model=work.model,
+                numel=numel,
+                tasks=tasks,
+                mode=case.mode,
+                backend=case.backend,
+                ms=ms,
+                gb_per_s=floor_bytes / (ms * 1e6),
+                x_floor=statistics.median(ratios),
+                speedup_vs_authors=None if case.backend == AUTHORS else authors_ms / ms,
+                times_ms=times,
+                dtype=dtype,
+                timing=timing,
+                speedup_vs_compiled=(
+                    compiled_ms[case.mode] / ms
+                    if case.mode in compiled_ms and case.backend != COMPILED
+                    else None
+                ),
+                ms_iqr=quartiles(times),
+                ms_range=(min(times), max(times)),
+                x_floor_iqr=quartiles(ratios),
+                load=int(getattr(args, "load", 0) or 0),
+            )
         )
-        for mode, backend, timing, ms, times in timed
-    ]
+    return rows
 
 
 # ------------------------------------------------------------------------------ output
@@ -348,13 +424,14 @@ def _triton_version() -> str | None:
     return str(triton.__version__)
 
 
-def header(device: torch.device, when: dt.datetime) -> str:
-    """One line naming the device, thread count, torch and triton versions and date."""
+def header(device: torch.device, when: dt.datetime, load: int = 0) -> str:
+    """One line naming the device, thread count, torch and triton versions, date and load."""
     version = _triton_version()
     triton_version = f" | triton {version}" if version else ""
+    beside = f" | beside {load} busy processes" if load else " | no added load"
     return (
         f"Device: {device_name(device)} ({device.type}, {torch.get_num_threads()} threads) | "
-        f"torch {torch.__version__}{triton_version} | {when:%Y-%m-%d %H:%M}"
+        f"torch {torch.__version__}{triton_version} | {when:%Y-%m-%d %H:%M}{beside}"
     )
 
 
@@ -362,12 +439,16 @@ def _speedup(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}"
 
 
+def _spread(bounds: tuple[float, float] | None, digits: int) -> str:
+    return "-" if bounds is None else f"{bounds[0]:.{digits}f}-{bounds[1]:.{digits}f}"
+
+
 def markdown_table(rows: Sequence[Row]) -> str:
-    """The rows as a markdown table."""
+    """The rows as a markdown table (medians, with interquartile ranges beside them)."""
     lines = [
-        "| model | N | T | mode | backend | dtype | timing | ms | GB/s | x floor "
-        "| speedup vs authors' loop | speedup vs torch.compile |",
-        "|---|---:|---:|---|---|---|---|---:|---:|---:|---:|---:|",
+        "| model | N | T | mode | backend | dtype | timing | ms | ms IQR | GB/s | x floor "
+        "| x floor IQR | speedup vs authors' loop | speedup vs torch.compile |",
+        "|---|---:|---:|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         compiled = _speedup(r.speedup_vs_compiled)
@@ -375,8 +456,39 @@ def markdown_table(rows: Sequence[Row]) -> str:
             compiled = "n/a"  # torch.compile not timed in this run
         lines.append(
             f"| {r.model} | {r.numel:,} | {r.tasks} | {r.mode} | {r.backend} | {r.dtype or '-'} "
-            f"| {r.timing} | {r.ms:.3f} | {r.gb_per_s:.1f} | {r.x_floor:.2f} "
+            f"| {r.timing} | {r.ms:.3f} | {_spread(r.ms_iqr, 3)} | {r.gb_per_s:.1f} "
+            f"| {r.x_floor:.2f} | {_spread(r.x_floor_iqr, 2)} "
             f"| {_speedup(r.speedup_vs_authors)} | {compiled} |"
+        )
+    return "\n".join(lines)
+
+
+def summary_table(rows: Sequence[Row]) -> str:
+    """One line per workload: the floor's time, then every other case's ratio to the floor
+    as ``median (first-third quartile)`` over the rounds."""
+    workloads: dict[tuple[str, int, str], dict[str, Row]] = {}
+    for r in rows:
+        name = r.backend if r.mode == "-" else f"{r.backend} {r.mode}"
+        if r.timing == "graph" and r.backend != FLOOR:
+            name += " (graph)"
+        workloads.setdefault((r.model, r.tasks, r.dtype), {})[name] = r
+    columns = [c for c in dict.fromkeys(k for cases in workloads.values() for k in cases)]
+    columns = [c for c in columns if c != FLOOR]
+    lines = [
+        "| model | T | dtype | floor ms | " + " | ".join(f"{c} x floor" for c in columns) + " |",
+        "|---|---:|---|---:|" + "---:|" * len(columns),
+    ]
+    for (model, tasks, dtype), cases in workloads.items():
+        if FLOOR not in cases:
+            continue
+        cells = []
+        for c in columns:
+            r = cases.get(c)
+            cells.append("-" if r is None else f"{r.x_floor:.2f} ({_spread(r.x_floor_iqr, 2)})")
+        lines.append(
+            f"| {model} | {tasks} | {dtype or '-'} | {cases[FLOOR].ms:.2f} | "
+            + " | ".join(cells)
+            + " |"
         )
     return "\n".join(lines)
 
@@ -388,12 +500,15 @@ def save_json(
     args: argparse.Namespace,
     loads: tuple[float | None, float | None],
 ) -> Path:
-    """Write ``benchmarks/results/<device-slug>-<date>.json`` and return its path."""
+    """Write ``benchmarks/results/<device-slug>-<date>[-load<N>].json`` (or ``<name>.json``)
+    and return its path."""
     name = device_name(device)
     payload = {
         "device": name,
         "device_type": device.type,
         "threads": torch.get_num_threads(),
+        "load": {"busy_processes": args.load},
+        "note": args.note,
         "torch": torch.__version__,
         "triton": _triton_version(),
         "python": platform.python_version(),
@@ -405,7 +520,10 @@ def save_json(
         "rows": [asdict(r) for r in rows],
     }
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    path = RESULTS_DIR / f"{slugify(name)}-{when:%Y-%m-%d}.json"
+    stem = args.name or f"{slugify(name)}-{when:%Y-%m-%d}" + (
+        f"-load{args.load}" if args.load else ""
+    )
+    path = RESULTS_DIR / f"{stem}.json"
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path
 
@@ -427,7 +545,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="default: float32 and bfloat16 on CUDA, float32 on CPU",
     )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--repeats", type=int, help="timed calls per case (default 7)")
+    p.add_argument("--repeats", type=int, help="timed rounds per case (default 9)")
     p.add_argument("--slow-repeats", type=int, help="timed calls of a slow case (default 3)")
     p.add_argument(
         "--slow-seconds",
@@ -459,10 +577,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=None,
         help="also time torch.compile of the torch backend (default on CUDA; slow to compile)",
     )
+    p.add_argument(
+        "--load",
+        type=int,
+        default=0,
+        metavar="N",
+        help="run N busy processes (one core each) beside the timings (default 0)",
+    )
+    p.add_argument("--name", help="file name (without .json) for --save")
+    p.add_argument("--note", default="", help="free text saved with the results (conditions)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="resnet18, T=2, 3 repeats")
     p.add_argument("--save", action="store_true", help="write benchmarks/results/*.json")
     args = p.parse_args(argv)
+    if args.load < 0:
+        p.error("--load must be >= 0")
     on_gpu = torch.device(args.device).type == "cuda"
     for key, value in {**DEFAULTS, **(QUICK if args.quick else {})}.items():
         if getattr(args, key, None) is None:
@@ -491,7 +620,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     when = dt.datetime.now().astimezone()
     load_start = load_average()
     rows: list[Row] = []
-    with torch.inference_mode():
+    with torch.inference_mode(), busy_processes(args.load):
         for dtype_name in args.dtypes:
             for model, tasks in args.workloads:
                 print(f"[bench] {model} T={tasks} {dtype_name} ...", file=sys.stderr, flush=True)
@@ -502,13 +631,18 @@ def main(argv: Sequence[str] | None = None) -> None:
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
     loads = (load_start, load_average())
-    print(header(device, when))
+    print(header(device, when, args.load))
+    if args.note:
+        print(f"note: {args.note}")
     print(
-        f"median of {args.repeats} calls ({args.slow_repeats} if slow); timing 'graph' = "
-        f"CUDA graph replay; 1-min load average {loads[0]} at start, {loads[1]} at end"
+        f"median of {args.repeats} round-robin rounds ({args.slow_repeats} if slow), with the "
+        f"interquartile range; timing 'graph' = CUDA graph replay; 1-min load average "
+        f"{loads[0]} at start, {loads[1]} at end"
     )
     print()
     print(markdown_table(rows))
+    print()
+    print(summary_table(rows))
     if args.save:
         print(f"\nsaved {save_json(rows, device, when, args, loads).relative_to(ROOT)}")
 

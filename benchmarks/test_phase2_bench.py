@@ -7,11 +7,15 @@ ResNet-18/50, T = 2, 3, 5, fp32; CUDA: also ResNet-50 x4 (~94M), T = 10, 20 and 
 ``[T, N]`` buffers are a module-scoped fixture, built once per configuration; pytest groups
 the tests by it, so one configuration is alive at a time.
 
+``CS_KERNELS_BENCH_LOAD=N`` runs N busy processes (one core each) beside the whole session,
+as ``phase2_table.py --load N`` does; the floor is then measured under the same load.
+
 Not part of the test suite (``testpaths = ["tests"]``): collected only when named.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -19,7 +23,13 @@ import pytest
 import torch
 
 import cs_kernels
-from benchmarks.phase2_table import GRAPHED_BACKENDS, Workload, capture_graph, make_workload
+from benchmarks.phase2_table import (
+    GRAPHED_BACKENDS,
+    Workload,
+    busy_processes,
+    capture_graph,
+    make_workload,
+)
 from cs_kernels.baseline_loop import authors_style_phase2
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -29,9 +39,16 @@ TASKS = (2, 3, 5, 10, 20) if GPU else (2, 3, 5)
 DTYPES = (torch.float32, torch.bfloat16) if GPU else (torch.float32,)
 MODES = ("group", "channel")
 BACKENDS = [b for b in cs_kernels.available_backends(DEVICE) if b != "reference"]
-SLOW_BACKENDS = ("torch",) if DEVICE.type == "cpu" else ()  # ~0.3-0.8 s a call on CPU
 AUTHORS_TASKS = 3
 SEED = 0
+LOAD = int(os.environ.get("CS_KERNELS_BENCH_LOAD", "0"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def load() -> Iterator[int]:
+    """``CS_KERNELS_BENCH_LOAD`` busy processes for the whole session (none by default)."""
+    with busy_processes(LOAD):
+        yield LOAD
 
 
 @pytest.fixture(
@@ -74,6 +91,7 @@ def describe(benchmark: Any, work: Workload, mode: str, backend: str) -> None:
         backend=backend,
         device=str(DEVICE),
         dtype=str(work.grads.dtype).removeprefix("torch."),
+        load=LOAD,
     )
 
 
@@ -96,7 +114,7 @@ def test_phase2(benchmark: Any, workload: Workload, mode: str, backend: str) -> 
             w.grads, w.plan, top=w.top, mode=mode, out=w.out, backend=backend, check=False
         )
 
-    run(benchmark, call, slow=backend in SLOW_BACKENDS)
+    run(benchmark, call, slow=False)
 
 
 def test_authors_loop(benchmark: Any, workload: Workload) -> None:

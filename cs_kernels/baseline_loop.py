@@ -1,6 +1,6 @@
 """An authors'-style Phase 2 loop: the cost model of the published implementation.
 
-Written from ALGORITHM.md (group mode): per layer, clone every task's rows, then a Python
+Written from docs/algorithm.md (group mode): per layer, clone every task's rows, then a Python
 double loop over (top task, other task) with boolean-mask indexing and a host-side
 ``if dot < 0`` (a device-to-host sync per task pair). Benchmarks report our speedup over it;
 tests check that it computes the same function as the reference.

@@ -1,6 +1,6 @@
 """`Phase2Plan`: where the connection layers sit inside the flat shared-parameter space.
 
-A plan describes the stacked gradient buffer ``grads: [T, N]`` (ALGORITHM.md, "The stacked
+A plan describes the stacked gradient buffer ``grads: [T, N]`` (docs/algorithm.md, "The stacked
 gradient buffer"): ``N`` shared parameter elements, among which some runs are *connection
 layers* ``(offset, channels, row_length)``: ``channels`` contiguous rows of ``row_length``
 elements starting at ``offset``. Everything outside the layers is plainly summed.

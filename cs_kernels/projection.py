@@ -1,4 +1,4 @@
-"""Phase 2, "conserve task priority" (ALGORITHM.md, paper Algorithm 1).
+"""Phase 2, "conserve task priority" (docs/algorithm.md, paper Algorithm 1).
 
 `phase2` runs the whole model at once on the stacked buffer ``grads: [T, N]`` described by
 a `Phase2Plan`; `project_layer` runs one layer ``[T, C, ...]``. Both validate their

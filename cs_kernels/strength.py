@@ -1,4 +1,4 @@
-"""Connection strength (ALGORITHM.md, paper Eq. 4, 6, 7, 10) and the top-priority task.
+"""Connection strength (docs/algorithm.md, paper Eq. 4, 6, 7, 10) and the top-priority task.
 
 ``S_t[c] = (sum_d W[c, d]^2) * f_t[c]``, where ``f_t`` is the per-task factor of the
 task-specific connection (for a BatchNorm: ``gamma_t^2 / (running_var_t + eps)``).

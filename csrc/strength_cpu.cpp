@@ -1,7 +1,7 @@
 // Connection strength on the CPU: per-channel squared weight norms and per-layer top priority.
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "cpu_common.h"
@@ -10,13 +10,39 @@ namespace cs_kernels {
 
 namespace {
 
+// Rows of elements per block of work: enough to outweigh claiming it.
+constexpr int64_t kNormBlock = 32768;
+
+// One weight [rows, cols] and where its squared row norms go.
 template <typename scalar_t>
-void row_sqnorm_kernel(const scalar_t* w, int64_t rows, int64_t cols,
-                       typename Acc<scalar_t>::type* out) {
+struct NormJob {
+  const scalar_t* weight;
+  int64_t rows, cols;
+  typename Acc<scalar_t>::type* out;
+};
+
+// Squared row norms of every job's weight, in one parallel region over blocks of rows of all
+// of them (claimed dynamically: no barrier per weight). Each row's sum has a fixed order.
+template <typename scalar_t>
+void row_sqnorm_kernel(const std::vector<NormJob<scalar_t>>& jobs) {
   using acc_t = typename Acc<scalar_t>::type;
-  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const scalar_t* row = w + r * cols;
+  struct Block {
+    int64_t job, begin, end;
+  };
+  std::vector<Block> blocks;
+  for (size_t j = 0; j < jobs.size(); ++j) {
+    const int64_t rows = jobs[j].rows;
+    const int64_t step = std::max<int64_t>(1, kNormBlock / std::max<int64_t>(1, jobs[j].cols));
+    for (int64_t r = 0; r < rows; r += step) {
+      blocks.push_back({static_cast<int64_t>(j), r, std::min(rows, r + step)});
+    }
+  }
+  for_each_block(static_cast<int64_t>(blocks.size()), [&](int64_t b) {
+    const Block& block = blocks[b];
+    const NormJob<scalar_t>& job = jobs[block.job];
+    const int64_t cols = job.cols;
+    for (int64_t r = block.begin; r < block.end; ++r) {
+      const scalar_t* row = job.weight + r * cols;
       acc_t lanes[kLanes] = {};
       int64_t d = 0;
       for (; d + kLanes <= cols; d += kLanes) {
@@ -30,7 +56,7 @@ void row_sqnorm_kernel(const scalar_t* w, int64_t rows, int64_t cols,
         acc_t v = static_cast<acc_t>(row[d]);
         tail += v * v;
       }
-      out[r] = reduce_lanes(lanes) + tail;
+      job.out[r] = reduce_lanes(lanes) + tail;
     }
   });
 }
@@ -40,30 +66,28 @@ void row_sqnorm_kernel(const scalar_t* w, int64_t rows, int64_t cols,
 template <typename scalar_t>
 void top_priority_kernel(const scalar_t* strength, int64_t tasks, int64_t total_channels,
                          const int64_t* layers, int64_t num_layers, int64_t* top) {
-  at::parallel_for(0, num_layers, 1, [&](int64_t begin, int64_t end) {
+  for_each_block(num_layers, [&](int64_t l) {
+    const int64_t channels = layers[l * 4 + 1];
+    const int64_t first = layers[l * 4 + 3];
     std::vector<double> totals(tasks);
-    for (int64_t l = begin; l < end; ++l) {
-      const int64_t channels = layers[l * 4 + 1];
-      const int64_t first = layers[l * 4 + 3];
+    for (int64_t t = 0; t < tasks; ++t) {
+      const scalar_t* s = strength + t * total_channels + first;
+      double total = 0;
+      for (int64_t c = 0; c < channels; ++c) total += static_cast<double>(s[c]);
+      totals[t] = total;
+    }
+    for (int64_t c = 0; c < channels; ++c) {
+      int64_t best = 0;
+      double best_value = 0;
       for (int64_t t = 0; t < tasks; ++t) {
-        const scalar_t* s = strength + t * total_channels + first;
-        double total = 0;
-        for (int64_t c = 0; c < channels; ++c) total += static_cast<double>(s[c]);
-        totals[t] = total;
-      }
-      for (int64_t c = 0; c < channels; ++c) {
-        int64_t best = 0;
-        double best_value = 0;
-        for (int64_t t = 0; t < tasks; ++t) {
-          const double raw = static_cast<double>(strength[t * total_channels + first + c]);
-          const double value = totals[t] > 0 ? raw / totals[t] : 0.0;
-          if (t == 0 || value > best_value) {  // strict '>': ties stay on the smallest task
-            best = t;
-            best_value = value;
-          }
+        const double raw = static_cast<double>(strength[t * total_channels + first + c]);
+        const double value = totals[t] > 0 ? raw / totals[t] : 0.0;
+        if (t == 0 || value > best_value) {  // strict '>': ties stay on the smallest task
+          best = t;
+          best_value = value;
         }
-        top[first + c] = best;
       }
+      top[first + c] = best;
     }
   });
 }
@@ -75,8 +99,8 @@ at::Tensor row_sqnorm_cpu(const at::Tensor& weight) {
   const auto acc_dtype = weight.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor out = at::empty({weight.size(0)}, weight.options().dtype(acc_dtype));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, weight.scalar_type(), "row_sqnorm", [&] {
-    row_sqnorm_kernel<scalar_t>(weight.data_ptr<scalar_t>(), weight.size(0), weight.size(1),
-                                out.data_ptr<typename Acc<scalar_t>::type>());
+    row_sqnorm_kernel<scalar_t>({{weight.data_ptr<scalar_t>(), weight.size(0), weight.size(1),
+                                 out.data_ptr<typename Acc<scalar_t>::type>()}});
   });
   return out;
 }
@@ -97,10 +121,12 @@ at::Tensor plan_row_sqnorm_cpu(at::TensorList weights) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, head.scalar_type(), "plan_row_sqnorm", [&] {
     using acc_t = typename Acc<scalar_t>::type;
     acc_t* dst = out.data_ptr<acc_t>();
+    std::vector<NormJob<scalar_t>> jobs;
     for (const at::Tensor& w : weights) {
-      row_sqnorm_kernel<scalar_t>(w.data_ptr<scalar_t>(), w.size(0), w.size(1), dst);
+      jobs.push_back({w.data_ptr<scalar_t>(), w.size(0), w.size(1), dst});
       dst += w.size(0);
     }
+    row_sqnorm_kernel<scalar_t>(jobs);
   });
   return out;
 }

@@ -40,7 +40,7 @@ from backbones import HRNetLite, backbone_features, feature_channels, resnet18, 
 from torch import Tensor, nn
 
 import cs_kernels as ck
-from cs_kernels.training.task_norms import check_tasks
+from cs_kernels.training.per_task_norms import check_tasks
 
 DEFAULT_TASKS = ("seg", "depth", "normal")
 TASK_KINDS = {"seg": "segment", "depth": "depth", "normal": "normal"}

@@ -35,7 +35,19 @@ collect_ignore = [name for name, missing in MISSING.items() if missing]
 
 
 def pytest_report_header() -> list[str]:
-    return [f"left out {name}: {', '.join(MISSING[name])} not installed" for name in collect_ignore]
+    from tests.model_libraries import header
+
+    left_out = [
+        f"left out {name}: {', '.join(MISSING[name])} not installed" for name in collect_ignore
+    ]
+    return [*left_out, header()]
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """The header's model-library line again at the end: ``-q`` runs hide the header."""
+    from tests.model_libraries import header
+
+    terminalreporter.write_line(header())
 
 
 # Every backend except the oracle, that can run on DEVICE here.
@@ -82,3 +94,14 @@ def assert_close(
 @pytest.fixture
 def device() -> torch.device:
     return DEVICE
+
+
+def report_line(request: pytest.FixtureRequest, line: str) -> None:
+    """Print ``line`` on the terminal even though pytest captures output."""
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    if capture is None or reporter is None:
+        print(line)
+        return
+    with capture.global_and_fixture_disabled():
+        reporter.write_line(line)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -89,8 +90,57 @@ def test_find_cuda_home_requires_nvcc_and_headers(tmp_path: Path) -> None:
 
 def test_compile_check_is_skipped_without_nvcc(monkeypatch, capsys) -> None:
     monkeypatch.setattr(check, "find_nvcc", lambda: None)
-    assert check.main([]) == 0
-    assert "skipped" in capsys.readouterr().out
+    assert check.main(["--no-min-torch"]) == 0
+    assert "skipped the CUDA kernels: nvcc not found" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("ci", ["", "true"])
+def test_missing_torch_headers_skip_except_under_ci(monkeypatch, capsys, ci: str) -> None:
+    monkeypatch.setattr(check, "find_nvcc", lambda: None)
+    monkeypatch.setattr(check, "torch_headers", lambda: (None, "offline"))
+    monkeypatch.setenv("CI", ci)
+    assert check.main([]) == (1 if ci else 0)
+    out = capsys.readouterr().out
+    assert f"skipped the torch {check.MIN_TORCH} header check: offline" in out
+
+
+def test_pyproject_states_the_minimum_torch_the_check_uses() -> None:
+    text = (ROOT / "pyproject.toml").read_text()
+    major_minor = ".".join(check.MIN_TORCH.split(".")[:2])
+    assert f'dependencies = ["torch>={major_minor}"]' in text
+
+
+def test_min_torch_unit_holds_every_torch_source(tmp_path: Path) -> None:
+    every = {p.name for p in (ROOT / "csrc").glob("*.cpp")}
+    assert {"ops.cpp", "cuda_ops.cpp", "phase2_cpu.cpp", "strength_cpu.cpp"} <= every
+    text = check.min_torch_unit(tmp_path, cuda=True).read_text()
+    assert text.splitlines()[0].endswith('ops.cpp"')  # Python.h first
+    assert {Path(line.split('"')[1]).name for line in text.splitlines()} == every
+    text = check.min_torch_unit(tmp_path, cuda=False).read_text()
+    assert "cuda_ops.cpp" not in text
+
+
+def _cached_min_torch_headers() -> Path | None:
+    target = check.cache_root() / f"torch-{check.MIN_TORCH}-include"
+    return target / "torch" / "include" if (target / ".complete").exists() else None
+
+
+@pytest.mark.skipif(
+    _cached_min_torch_headers() is None or shutil.which("c++") is None,
+    reason="the torch 2.11 headers are not cached here (tools/check_cuda_compile.py fetches them)",
+)
+def test_min_torch_check_rejects_what_torch_2_11_lacks(tmp_path: Path) -> None:
+    """The check can fail: an API the 2.11 headers do not declare is a compile error."""
+    include = _cached_min_torch_headers()
+    assert include is not None
+    unit = tmp_path / "unit.cpp"
+    source = "#include <c10/core/ScalarType.h>\nc10::ScalarType f() {{ return {}; }}\n"
+    unit.write_text(source.format("c10::ScalarType::Float"))
+    assert subprocess.run(check.min_torch_command("c++", include, None, unit)).returncode == 0
+    unit.write_text(source.format("c10::ScalarType::NotAType"))
+    result = subprocess.run(check.min_torch_command("c++", include, None, unit),
+                            capture_output=True, text=True)  # fmt: skip
+    assert result.returncode != 0 and "NotAType" in result.stderr
 
 
 needs_nvcc = pytest.mark.skipif(check.find_nvcc() is None, reason="nvcc not found")

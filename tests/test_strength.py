@@ -1,4 +1,4 @@
-"""Connection strength and top priority (ALGORITHM.md steps 1-3) on every backend."""
+"""Connection strength and top priority (docs/algorithm.md steps 1-3) on every backend."""
 
 from __future__ import annotations
 

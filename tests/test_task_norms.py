@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import cs_kernels as ck
-from cs_kernels.training.task_norms import TaskNorm, TaskScopeError, task_norms, task_scope
+from cs_kernels.training.per_task_norms import TaskNorm, TaskScopeError, task_norms, task_scope
 from tests import model_replicas as mr
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "python"))
@@ -73,7 +73,9 @@ def randomise(model: nn.Module, seed: int = 0) -> None:
 
 def norm_kinds(model: nn.Module) -> dict[str, str]:
     return {
-        n: type(m).__name__ for n, m in model.named_modules() if ck.training.task_norms.is_norm(m)
+        n: type(m).__name__
+        for n, m in model.named_modules()
+        if ck.training.per_task_norms.is_norm(m)
     }
 
 

@@ -130,11 +130,13 @@ def test_weight_items_count_each_layers_items() -> None:
 
 @needs_import
 def test_sub_row_width_masks_few_lanes() -> None:
-    assert tuning.best_width([(256, 64)], 4096) == 64  # rows of 64: one sub-row each
-    assert tuning.best_width([(256, 576)], 4096) == 64  # 9 sub-rows, none masked
+    widths = (256, 128, 64, 32, 16, 8, 4)
+    assert tuning.best_width([(256, 64)], 4096, widths) == 64  # rows of 64: one sub-row each
+    assert tuning.best_width([(256, 576)], 4096, widths) == 64  # 9 sub-rows, none masked
     assert tuning.lane_efficiency([(256, 576)], 4096, 64) > 0.95
-    assert tuning.best_width([(200, 5)], 512) == 8  # 64 rows a tile; 4 would do as well
-    assert tuning.best_width([(4, 2)], 16) == 4  # capped at the tile
+    assert tuning.best_width([(200, 5)], 512, widths) == 8  # 64 rows a tile; 4 does as well
+    for tile in (1024, 2048, 4096, 8192):  # the tuner's own widths
+        assert tuning.best_width([(3, 5), (64, 576)], tile) in tuning.widths_for(tile)
 
 
 @needs_import
@@ -236,6 +238,27 @@ def test_every_configuration_matches_reference(name: str, dtype: torch.dtype) ->
                        uniform == "project", config)  # fmt: skip
             assert_close(out, expected, dtype, f"{config} {mode}/{uniform}")
             assert_close(projected, expected_tasks, dtype, f"{config} {mode}/{uniform} per_task")
+
+
+@needs_triton
+@pytest.mark.parametrize("extra", [0, 1])
+def test_task_counts_at_and_past_the_largest_task_block(extra: int) -> None:
+    """T = 32 fills the largest compiled task block; T = 33 takes the next power of two."""
+    tasks = max(tuning.TASK_BLOCKS) + extra
+    plan = PLANS["mixed"]
+    gen = torch.Generator().manual_seed(tasks)
+    grads = torch.randn(tasks, plan.numel, generator=gen).to(DEVICE)
+    top = torch.randint(0, tasks, (plan.total_channels,), generator=gen).to(DEVICE)
+    for mode in ("group", "channel"):
+        kw: dict[str, Any] = {"top": top, "mode": mode, "uniform": "project", "per_task": True}
+        expected, expected_tasks = ck.phase2(grads, plan, backend="reference", **kw)
+        combined, per_task = ck.phase2(grads, plan, backend="triton", **kw)
+        assert_close(combined, expected, torch.float32, f"T={tasks} {mode}")
+        assert_close(per_task, expected_tasks, torch.float32, f"T={tasks} {mode} per_task")
+    scales = torch.rand(tasks, plan.total_channels, generator=gen).to(DEVICE)
+    weights = _weights(plan, torch.float32, seed=tasks)
+    top_fused = BACKENDS["triton"].weights_top_priority(weights, scales, plan)
+    assert torch.equal(top_fused, BACKENDS["reference"].weights_top_priority(weights, scales, plan))
 
 
 class _LaunchCounter:
@@ -504,6 +527,44 @@ def test_no_host_synchronisation_after_the_first_call(mode: str) -> None:
     finally:
         torch.cuda.set_sync_debug_mode(0)
     torch.cuda.synchronize()
+
+
+def _gpu_backends() -> list[str]:
+    return [b for b in ("triton", "cuda") if b in ck.available_backends(DEVICE)]
+
+
+@needs_gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_bad_input_on_cuda_is_rejected_and_leaves_the_caller_tensors(backend: str) -> None:
+    """Wrong devices, layouts, dtypes and values of CUDA inputs: a clear error naming the
+    argument (no crash inside a kernel), and the caller's tensors unchanged."""
+    if backend not in _gpu_backends():
+        pytest.skip(f"{backend}: {ck.backend_status()[backend]}")
+    plan = ck.Phase2Plan([(0, 3, 4)], 20)
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    grads = torch.randn(2, 20, generator=gen, device=DEVICE)
+    top = torch.tensor([0, 1, 0], device=DEVICE)
+    strength = torch.rand(2, 3, generator=gen, device=DEVICE)
+    out = torch.full((20,), 7.0, device=DEVICE)
+    nan_grads = grads.clone()
+    nan_grads[1, 5] = float("nan")
+    cases: list[tuple[str, dict[str, Any], type[Exception]]] = [
+        ("top", {"top": top.cpu()}, ValueError),
+        ("out", {"top": top, "out": out.cpu()}, ValueError),
+        ("grads", {"grads": torch.randn(2, 40, device=DEVICE)[:, ::2], "top": top}, ValueError),
+        ("grads", {"grads": grads.to(torch.int32), "top": top}, TypeError),
+        ("grads", {"grads": nan_grads, "top": top, "check_finite": True}, ValueError),
+        ("top", {"top": torch.tensor([0, 5, 0], device=DEVICE)}, ValueError),
+        ("strength", {"strength": strength[:1]}, ValueError),
+        ("strength", {"strength": strength.cpu()}, ValueError),
+    ]
+    before = [t.clone() for t in (grads, top, strength, out)]
+    for name, kw, exc in cases:
+        call = {"grads": grads, "out": out, **kw}
+        with pytest.raises(exc, match=name):
+            ck.phase2(call.pop("grads"), plan, **call, backend=backend)
+    for tensor, saved in zip((grads, top, strength, out), before, strict=True):
+        assert torch.equal(tensor, saved)
 
 
 @needs_gpu

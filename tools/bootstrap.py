@@ -4,11 +4,16 @@ Steps (each one is skipped when already satisfied, so the set-up also succeeds o
 1. create the virtual environment with ``--system-site-packages`` (an installed torch is reused);
 2. install torch only if none imports (``torch==2.13.0``, the CPU wheel on this machine's disk);
 3. install the missing packages of ``requirements-dev.txt``;
-4. build and install the package with its C++ extension (editable, no build isolation).
+4. build and install the package with its C++ extension (editable, no build isolation);
+5. make ``.venv-triton36``, the GPU machines' triton toolchain (``triton==3.6.0``, numpy < 2.4)
+   over the same torch: a virtual environment whose own site-packages holds only those two,
+   and which sees ``.venv``'s packages (torch, the test tools, this package) through a ``.pth``
+   file processed after its own. ``make test`` compiles every kernel configuration and runs
+   the interpreter suites under it too. Nothing is reinstalled when it is already there.
 
 Run with the system Python: ``python3 tools/bootstrap.py --venv .venv``. Under ``CI=true`` every
 step is mandatory; elsewhere a development tool that cannot be installed (offline machine) is
-reported and skipped.
+reported and skipped, and so is the GPU toolchain environment (its tests then say so).
 """
 
 from __future__ import annotations
@@ -26,6 +31,12 @@ ROOT = Path(__file__).resolve().parent.parent
 TORCH_PIN = "torch==2.13.0"
 # Needed for the tests to run at all; the rest (linters, ninja, ...) may be skipped offline.
 REQUIRED = {"pytest", "hypothesis", "numpy"}
+# The GPU machines' toolchain (torch 2.11.0+cu130, triton 3.6.0): its triton, beside the
+# newest one in `.venv`. numpy < 2.4: triton 3.6's interpreter needs it (see the tests).
+GPU_TOOLCHAIN_VENV = ".venv-triton36"
+GPU_TOOLCHAIN_TRITON = "3.6.0"
+GPU_TOOLCHAIN_PINS = [f"triton=={GPU_TOOLCHAIN_TRITON}", "numpy<2.4"]
+PARENT_PTH = "_cs_kernels_dev_env.pth"
 
 
 def log(message: str) -> None:
@@ -99,9 +110,68 @@ def install_package(python: Path) -> bool:
     return True
 
 
+def gpu_toolchain_python(root: Path | None = None) -> tuple[Path | None, str]:
+    """The GPU toolchain environment's python, or None and why it is not usable. An
+    interpreter that has triton 3.6.0 itself (the GPU machines' ``python3``) is its own."""
+    python = venv_python((root or ROOT) / GPU_TOOLCHAIN_VENV)
+    try:
+        import importlib.metadata
+
+        if importlib.metadata.version("triton") == GPU_TOOLCHAIN_TRITON and not python.exists():
+            return Path(sys.executable), f"triton {GPU_TOOLCHAIN_TRITON} in {sys.executable}"
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    if not python.exists():
+        return None, (
+            f"{GPU_TOOLCHAIN_VENV} (triton {GPU_TOOLCHAIN_TRITON}) was not made: run `make setup` "
+            "with access to the package registry"
+        )
+    code = ("import importlib.metadata as m, importlib.util as u; "
+            "assert u.find_spec('torch'), 'no torch'; print(m.version('triton'))")  # fmt: skip
+    result = subprocess.run([str(python), "-c", code], capture_output=True, text=True, cwd="/")
+    found = result.stdout.strip()
+    if result.returncode != 0 or found != GPU_TOOLCHAIN_TRITON:
+        detail = found or result.stderr.strip().splitlines()[-1:]
+        return None, f"{GPU_TOOLCHAIN_VENV} does not give triton {GPU_TOOLCHAIN_TRITON} ({detail})"
+    return python, f"triton {GPU_TOOLCHAIN_TRITON} in {GPU_TOOLCHAIN_VENV}"
+
+
+def make_gpu_toolchain(dev_python: Path, strict: bool) -> bool:
+    """Step 5: the GPU machines' triton over ``.venv``'s torch. False only on a failure that
+    must stop the set-up (under CI)."""
+    target = ROOT / GPU_TOOLCHAIN_VENV
+    python = venv_python(target)
+    found, why = gpu_toolchain_python()
+    if found is not None:
+        log(f"the GPU machines' toolchain is there: {why}")
+        return True
+    if not python.exists():
+        log(f"creating {target} (the GPU machines' triton {GPU_TOOLCHAIN_TRITON})")
+        venv.EnvBuilder(system_site_packages=True, with_pip=False).create(target)
+    # .pth files are read in name order after the directory itself is on sys.path: this one
+    # appends .venv's site-packages (and runs its own .pth files) after triton 3.6 and numpy.
+    dev_site = site_packages(dev_python)
+    line = f"import site; site.addsitedir({str(dev_site)!r})\n"
+    (site_packages(python) / PARENT_PTH).write_text(line)
+    # .venv's pip installs into this environment (`--python`): no pip of its own needed.
+    pip = [str(dev_python), "-m", "pip", "--python", str(python), "install", "--no-deps",
+           "--retries", "1", "--timeout", "30", *GPU_TOOLCHAIN_PINS]  # fmt: skip
+    if run(pip, check=False) == 0 and gpu_toolchain_python()[0] is not None:
+        log(f"{GPU_TOOLCHAIN_VENV}: triton {GPU_TOOLCHAIN_TRITON} over .venv's torch")
+        return True
+    if strict:
+        log(f"CI=true: could not make {GPU_TOOLCHAIN_VENV}: {gpu_toolchain_python()[1]}")
+        return False
+    log(f"offline? no triton {GPU_TOOLCHAIN_TRITON}: its checks will be skipped, saying so")
+    return True
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--venv", default=".venv")
+    parser.add_argument(
+        "--no-gpu-toolchain", action="store_true", help=f"do not make {GPU_TOOLCHAIN_VENV}"
+    )
     args = parser.parse_args()
     strict = os.environ.get("CI", "").lower() == "true"
 
@@ -139,6 +209,8 @@ def main() -> int:
 
     if not install_package(python):
         log("building the C++ extension failed: the cpu backend would be unavailable")
+        return 1
+    if not args.no_gpu_toolchain and not make_gpu_toolchain(python, strict):
         return 1
     log("ready")
     return 0

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from cs_kernels.backends import phase2_steps
 from cs_kernels.plan import Phase2Plan
 
 
@@ -77,3 +78,34 @@ class Backend(ABC):
         ``group`` selects group mode (else channel mode); ``project_uniform`` projects
         layers whose channels all share one top task (else they are plainly summed).
         """
+
+    # Phase 2 in steps (for channels spread over processes; see `phase2_steps`). The defaults
+    # are vectorised PyTorch for any device; a backend may override them with fused kernels.
+
+    def channel_gram(self, grads: Tensor, plan: Phase2Plan) -> Tensor:
+        """``grads: [T, N]`` -> ``[total_channels, T, T]`` Gram matrices ``<G_i[c], G_j[c]>``
+        of every channel row, fp32 (fp64 for fp64 input)."""
+        return phase2_steps.channel_gram(grads, plan)
+
+    def projection_coefficients(
+        self, gram: Tensor, plan: Phase2Plan, top: Tensor, *, group: bool, project_uniform: bool
+    ) -> Tensor:
+        """``gram: [total_channels, T, T]``, ``top: [total_channels]`` (int64) -> ``[T,
+        total_channels]`` coefficients: ``G'_j[c] = G_j[c] - coef[j, c] * G_top(c)[c]``."""
+        return phase2_steps.projection_coefficients(
+            gram, plan, top, group=group, project_uniform=project_uniform
+        )
+
+    def project(
+        self,
+        grads: Tensor,
+        plan: Phase2Plan,
+        top: Tensor,
+        coefficients: Tensor,
+        *,
+        out: Tensor,
+        projected: Tensor | None,
+    ) -> None:
+        """Writes ``out: [N]`` = ``sum_t G'_t`` with the given ``coefficients: [T,
+        total_channels]`` (and ``projected: [T, N]`` = the ``G'_t`` when given)."""
+        phase2_steps.project(grads, plan, top, coefficients, out=out, projected=projected)

@@ -1,6 +1,6 @@
-"""The reference backend: a literal transcription of ALGORITHM.md, loops and all.
+"""The reference backend: a literal transcription of docs/algorithm.md, loops and all.
 
-It is the oracle for every parity test. It favours being read beside ALGORITHM.md over
+It is the oracle for every parity test. It favours being read beside docs/algorithm.md over
 speed: Python loops over layers, groups and tasks, every quantity computed in float64.
 """
 
@@ -91,6 +91,71 @@ class ReferenceBackend(Backend):
                     if a < 0:
                         g_proj[j][members] = g_j - a / norm_sq * g_i
 
+        out.copy_(work.sum(dim=0))
+        if projected is not None:
+            projected.copy_(work)
+
+    # Phase 2 in steps: the same quantities as `phase2` above, spelled out per channel/group.
+
+    def channel_gram(self, grads: Tensor, plan: Phase2Plan) -> Tensor:
+        num_tasks = grads.shape[0]
+        gram = torch.zeros(
+            plan.total_channels, num_tasks, num_tasks, dtype=torch.float64, device=grads.device
+        )
+        for layer, first in zip(plan.layers, plan.first_channels, strict=True):
+            span = slice(layer.offset, layer.offset + layer.numel)
+            g = grads[:, span].double().reshape(num_tasks, layer.channels, layer.row_length)
+            for c in range(layer.channels):
+                rows = g[:, c, :]  # [T, D]: every task's row of channel c
+                gram[first + c] = rows @ rows.t()  # <G_i[c], G_j[c]>
+        return gram.to(accumulation_dtype(grads.dtype))
+
+    def projection_coefficients(
+        self, gram: Tensor, plan: Phase2Plan, top: Tensor, *, group: bool, project_uniform: bool
+    ) -> Tensor:
+        num_tasks = gram.shape[1]
+        g64 = gram.double()
+        coef = torch.zeros(num_tasks, plan.total_channels, dtype=torch.float64, device=gram.device)
+        for layer, first in zip(plan.layers, plan.first_channels, strict=True):
+            nu = top[first : first + layer.channels]
+            if bool((nu == nu[0]).all()) and not project_uniform:
+                continue  # the authors' rule: a uniform-priority layer is plainly summed
+            if group:
+                groups = [(i, torch.nonzero(nu == i).flatten()) for i in range(num_tasks)]
+            else:
+                groups = [(int(nu[c]), torch.tensor([c])) for c in range(layer.channels)]
+            for i, members in groups:
+                if members.numel() == 0:
+                    continue
+                channels = first + members.to(gram.device)
+                a = g64[channels, i, :].sum(dim=0)  # [T]: <G_i[CG_i], G_j[CG_i]> for every j
+                norm_sq = a[i]  # ||G_i[CG_i]||^2
+                if norm_sq == 0:
+                    continue
+                conflict = (a < 0) & (torch.arange(num_tasks, device=gram.device) != i)
+                coef[:, channels] = torch.where(conflict, a / norm_sq, 0.0)[:, None]
+        return coef.to(gram.dtype)
+
+    def project(
+        self,
+        grads: Tensor,
+        plan: Phase2Plan,
+        top: Tensor,
+        coefficients: Tensor,
+        *,
+        out: Tensor,
+        projected: Tensor | None,
+    ) -> None:
+        num_tasks = grads.shape[0]
+        work = grads.double().clone()  # G'_t
+        original = grads.double()
+        for layer, first in zip(plan.layers, plan.first_channels, strict=True):
+            span = slice(layer.offset, layer.offset + layer.numel)
+            g = original[:, span].reshape(num_tasks, layer.channels, layer.row_length)
+            g_proj = work[:, span].view(num_tasks, layer.channels, layer.row_length)
+            for c in range(layer.channels):
+                i = int(top[first + c])  # G'_j[c] = G_j[c] - coef[j, c] * G_i[c], every j
+                g_proj[:, c] -= coefficients[:, first + c, None].double() * g[i, c]
         out.copy_(work.sum(dim=0))
         if projected is not None:
             projected.copy_(work)

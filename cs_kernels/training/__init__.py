@@ -1,6 +1,6 @@
 """Training integration: connection discovery, zero-copy gradient collection, the
-`ConnectionStrength` controller, priority telemetry, DDP support, and per-task norms for
-models written without tasks (`task_norms`, `task_scope`).
+`ConnectionStrength` controller, priority telemetry, DDP and FSDP2 (``fully_shard``) support,
+and per-task norms for models written without tasks (`task_norms`, `task_scope`).
 
     from cs_kernels.training import ConnectionStrength, connect, discover_connections
 """
@@ -14,7 +14,7 @@ from cs_kernels.training.discovery import (
     connect,
     discover_connections,
 )
-from cs_kernels.training.task_norms import TaskNorm, TaskScopeError, task_norms, task_scope
+from cs_kernels.training.per_task_norms import TaskNorm, TaskScopeError, task_norms, task_scope
 from cs_kernels.training.telemetry import PriorityTelemetry
 
 __all__ = [

@@ -9,6 +9,9 @@ copy. After Phase 2 the ``.grad`` tensors are views into the ``[N]`` result inst
 
 Everything lives in one flat storage so that a distributed run reduces it with a single
 all-reduce: ``[T * N | extra gradients | packed model buffers]``.
+
+Parameters sharded by FSDP2 (DTensors) take their local shard's place: ``N`` counts local
+elements and each ``.grad`` is a DTensor wrapping its segment of the row.
 """
 
 from __future__ import annotations
@@ -18,12 +21,15 @@ from collections.abc import Collection, Sequence
 import torch
 from torch import Tensor, nn
 
+from cs_kernels.training.fsdp import as_grad, local_tensor
+
 
 class GradientBuffer:
     """One flat storage for the per-task gradients of ``params`` (and optional extras).
 
     Args:
-        params: the shared parameters, in buffer order (one dtype, one device).
+        params: the shared parameters, in buffer order (one dtype, one device; a DTensor
+            contributes its local shard).
         num_tasks: ``T``, the number of rows.
         extra: parameters whose ``.grad`` also lives in the storage, after the rows, summed
             over tasks (task-specific parameters, for the distributed all-reduce).
@@ -56,10 +62,11 @@ class GradientBuffer:
         self.params = tuple(params)
         self.extra = tuple(extra)
         self.num_tasks = num_tasks
+        self._shapes = [local_tensor(p).shape for p in self.params]
         offsets, n = [], 0
-        for p in self.params:
+        for shape in self._shapes:
             offsets.append(n)
-            n += p.numel()
+            n += shape.numel()
         self.offsets: tuple[int, ...] = tuple(offsets)
         self.numel = n
         extra_numel = sum(p.numel() for p in self.extra)
@@ -78,8 +85,8 @@ class GradientBuffer:
 
     def _views(self, row: Tensor) -> list[Tensor]:
         return [
-            row[o : o + p.numel()].view_as(p)
-            for o, p in zip(self.offsets, self.params, strict=True)
+            as_grad(p, row[o : o + shape.numel()].view(shape))
+            for o, p, shape in zip(self.offsets, self.params, self._shapes, strict=True)
         ]
 
     def offset_of(self, param: Tensor) -> int:

@@ -9,13 +9,15 @@
 Phase 1 (learn task priority) takes one optimizer step per task; Phase 2 (conserve task
 priority) back-propagates every task into its row of the zero-copy ``[T, N]`` buffer, reads
 the strengths from the live shared weights and task-specific connections, and leaves the
-combined gradient in ``.grad`` (ALGORITHM.md). The phase of each batch is drawn from the
+combined gradient in ``.grad`` (docs/algorithm.md). The phase of each batch is drawn from the
 controller's own seeded generator, saved by `state_dict`.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any, cast
 
 import torch
@@ -30,6 +32,7 @@ from cs_kernels.training.buffer import GradientBuffer
 from cs_kernels.training.discovery import (
     Connection,
     Registration,
+    _as_args,
     format_summary,
     resolve_registration,
     trace_model,
@@ -37,6 +40,14 @@ from cs_kernels.training.discovery import (
 from cs_kernels.training.discovery import discover as discover_model
 from cs_kernels.training.distributed import Synchronizer, model_buffers, unwrap
 from cs_kernels.training.factors import FactorTable
+from cs_kernels.training.fsdp import (
+    ShardedPhase2,
+    Twins,
+    check_agreement,
+    check_layout,
+    sharded_mesh,
+    unsharded,
+)
 from cs_kernels.training.telemetry import PriorityTelemetry
 
 LossFn = Callable[[str], Tensor]
@@ -60,7 +71,8 @@ class ConnectionStrength:
     """Connection strength-based optimization of a multi-task model.
 
     Args:
-        model: an ``nn.Module`` (or ``DistributedDataParallel``) whose forward is called as
+        model: an ``nn.Module`` (or ``DistributedDataParallel``, or a model ``fully_shard``-ed
+            by FSDP2; build the controller on every rank) whose forward is called as
             ``model(*inputs, task=name)``.
         tasks: the task names; their order is the row order of the ``[T, N]`` buffer.
         sample_input: one batch (a tensor or a tuple of positional arguments) used to trace
@@ -75,7 +87,9 @@ class ConnectionStrength:
 
     Attributes:
         connections: the connection layers, in buffer order.
-        plan: the `Phase2Plan` of the shared parameters.
+        plan: the `Phase2Plan` of the shared parameters in ``buffer`` (under FSDP2: this
+            rank's shards).
+        full_plan: the plan of the whole model (the same as ``plan`` unless sharded).
         buffer: the `GradientBuffer` (``buffer.grads`` is ``[T, N]``).
         telemetry: the `PriorityTelemetry` recorded at every Phase 2 step.
     """
@@ -111,30 +125,44 @@ class ConnectionStrength:
         self.model = model
         inner, ddp = unwrap(model)
         self.module = inner
+        mesh = sharded_mesh(inner, ddp)  # FSDP2: Phase 2 on this rank's shards
+        if mesh is not None:  # before any collective forward: a mismatch must not hang
+            options = (self.mode, self.uniform, self.backend, self.seed, discover)
+            layout = [(n, tuple(p.shape)) for n, p in inner.named_parameters()]
+            check_agreement({"tasks": self.tasks, "options": options, "parameters": layout}, mesh)
+        twins = Twins(inner) if mesh is not None else None
 
         watch = [s for r in registrations for s in r.scales.values() if isinstance(s, nn.Module)]
-        trace = trace_model(inner, self.tasks, sample_input, watch=watch)
-        shared = trace.shared_params()
-        if not shared:
-            raise ValueError(
-                "the model has no parameter shared by two or more tasks in the sample "
-                f"forward (tasks {list(self.tasks)}): nothing for Phase 2 to combine"
-            )
-        shared_ids = {id(p) for _, p in shared}
-        found = discover_model(inner, self.tasks, sample_input, trace=trace) if discover else None
-        self.skipped = found.skipped if found is not None else ()
-        chosen: dict[int, Connection] = {
-            id(c.weight): c for c in (found.connections if found else ())
-        }
-        seen: set[int] = set()
-        for i, reg in enumerate(registrations):
-            if id(reg.weight) in seen:
+        with unsharded(
+            inner, mesh, lambda: inner(*_as_args(sample_input), task=self.tasks[0])
+        ) as refresh:
+            trace = trace_model(inner, self.tasks, sample_input, watch=watch)
+            refresh()
+            if twins is not None:
+                registrations = [
+                    replace(r, weight=twins.unsharded_of(r.weight)) for r in registrations
+                ]
+            shared = trace.shared_params()
+            if not shared:
                 raise ValueError(
-                    f"connections[{i}]: the weight {trace.params.get(id(reg.weight), ('?',))[0]}"
-                    " is registered twice"
+                    "the model has no parameter shared by two or more tasks in the sample "
+                    f"forward (tasks {list(self.tasks)}): nothing for Phase 2 to combine"
                 )
-            seen.add(id(reg.weight))
-            chosen[id(reg.weight)] = resolve_registration(reg, trace, i, shared_ids)
+            shared_ids = {id(p) for _, p in shared}
+            found = (
+                discover_model(inner, self.tasks, sample_input, trace=trace) if discover else None
+            )
+            self.skipped = found.skipped if found is not None else ()
+            chosen: dict[int, Connection] = {
+                id(c.weight): c for c in (found.connections if found else ())
+            }
+            seen: set[int] = set()
+            for i, reg in enumerate(registrations):
+                if id(reg.weight) in seen:
+                    name = trace.params.get(id(reg.weight), ("?",))[0]
+                    raise ValueError(f"connections[{i}]: the weight {name} is registered twice")
+                seen.add(id(reg.weight))
+                chosen[id(reg.weight)] = resolve_registration(reg, trace, i, shared_ids)
         if not chosen:
             raise ValueError(
                 "no task-specific connections found: discovery looks for shared Conv/Linear "
@@ -143,9 +171,13 @@ class ConnectionStrength:
                 + (f"; left out: {dict(self.skipped)}" if self.skipped else "")
                 + ". Declare connections with cs_kernels.training.connect()."
             )
-
-        params = [p for _, p in shared]
-        self.task_parameters = [p for _, p in trace.task_specific_params()]
+        # Under FSDP2 the trace saw the unsharded parameters: from here on, the sharded ones.
+        live = {
+            pid: twins.sharded_of(n, p) if twins is not None else p
+            for pid, (n, p) in trace.params.items()
+        }
+        params = [live[id(p)] for _, p in shared]
+        self.task_parameters = [live[id(p)] for _, p in trace.task_specific_params()]
         self.shared_parameters = params
         dtype = params[0].dtype
         self._sync = Synchronizer(ddp, model_buffers(inner, dtype))
@@ -157,26 +189,50 @@ class ConnectionStrength:
         )
         order = {id(p): i for i, p in enumerate(params)}
         self.connections: tuple[Connection, ...] = tuple(
-            sorted(chosen.values(), key=lambda c: order[id(c.weight)])
+            sorted(
+                (replace(c, weight=live[id(c.weight)]) for c in chosen.values()),
+                key=lambda c: order[id(c.weight)],
+            )
         )
-        self.plan = Phase2Plan(
+        starts = list(itertools.accumulate((p.numel() for p in params), initial=0))
+        #: The whole model's plan (every channel); `plan` is the local one under FSDP2.
+        self.full_plan = Phase2Plan(
             [
-                (self.buffer.offset_of(c.weight), c.channels, c.weight.numel() // c.channels)
+                (starts[order[id(c.weight)]], c.channels, c.weight.numel() // c.channels)
                 for c in self.connections
             ],
-            self.buffer.numel,
+            starts[-1],
         )
-        acc = torch.float64 if dtype == torch.float64 else torch.float32
-        self._factors = FactorTable(self.connections, self.tasks, params[0].device, acc)
+        self._sharded: ShardedPhase2 | None = None
+        if mesh is None:
+            self.plan = self.full_plan
+            acc = torch.float64 if dtype == torch.float64 else torch.float32
+            self._factors = FactorTable(self.connections, self.tasks, params[0].device, acc)
+        else:
+            names = {id(p): n for n, p in inner.named_parameters()}
+            connected = {id(c.weight) for c in self.connections}
+            for p in (*params, *self.task_parameters):
+                check_layout(names[id(p)], p, mesh, whole_rows=id(p) in connected)
+            connected_layers = [(c.name, c.channels, c.kind, c.source) for c in self.connections]
+            check_agreement({"the connections": connected_layers}, mesh)
+            floating = [b for b in inner.buffers() if b.dtype.is_floating_point]
+            self._sharded = ShardedPhase2(
+                mesh, self.connections, self.tasks, self.buffer, self.full_plan, floating,
+                mode=self.mode, uniform=self.uniform, backend=self.backend,
+            )  # fmt: skip
+            self.plan = self._sharded.plan
+            self._factors = self._sharded.factors
         self._bounds = [
             (first, first + c.channels)
-            for first, c in zip(self.plan.first_channels, self.connections, strict=True)
+            for first, c in zip(self.full_plan.first_channels, self.connections, strict=True)
         ]
         self.telemetry = PriorityTelemetry(
             [c.name for c in self.connections], [c.channels for c in self.connections], self.tasks
         )
-        self._reach = {t: frozenset(tr.reached) for t, tr in trace.per_task.items()}
-        self._all_params = [p for _, p in trace.params.values()]
+        self._reach = {
+            t: frozenset(id(live[pid]) for pid in tr.reached) for t, tr in trace.per_task.items()
+        }
+        self._all_params = list(live.values())
         self._phase1_buffer: GradientBuffer | None = None
         self._generator = torch.Generator().manual_seed(self.seed)
         self.epoch = 0
@@ -197,11 +253,18 @@ class ConnectionStrength:
         )
 
     def scales(self) -> Tensor:
-        """``[T, total_channels]`` per-task factors from the live task-specific modules."""
+        """``[T, total_channels]`` per-task factors from the live task-specific modules.
+
+        Under FSDP2 this and `strengths` / `top_priority` make one all-reduce: call them on
+        every rank."""
+        if self._sharded is not None:
+            return self._sharded.scales()
         return self._factors.compute()
 
     def strengths(self) -> Tensor:
         """``[T, total_channels]`` raw connection strengths ``||W[c]||^2 * f_t[c]``."""
+        if self._sharded is not None:
+            return self._sharded.strengths()
         scales = self._factors.compute()
         return torch.cat(
             [
@@ -213,7 +276,9 @@ class ConnectionStrength:
 
     def top_priority(self) -> Tensor:
         """int64 ``[total_channels]``: the top-priority task of every connection channel."""
-        return plan_top_priority(self.strengths(), self.plan, backend=self.backend, check=False)
+        return plan_top_priority(
+            self.strengths(), self.full_plan, backend=self.backend, check=False
+        )
 
     # ---------------------------------------------------------------- the phases
 
@@ -250,6 +315,8 @@ class ConnectionStrength:
                 loss.backward()  # type: ignore[no-untyped-call]
             optimizer.step()
             losses[task] = loss.detach()
+        if self._sharded is not None:  # FSDP2 reduced the gradients; the buffers remain
+            self._sharded.sync_buffers()
         self.phase1_steps += 1
         return losses
 
@@ -273,7 +340,8 @@ class ConnectionStrength:
         """Back-propagate every task into its row of ``buffer.grads`` (no per-task copies).
 
         Under DDP the rows, task-specific gradients and model buffers are then averaged
-        across ranks with one all-reduce.
+        across ranks with one all-reduce. Under FSDP2 each task's backward fills this rank's
+        shard of its row (FSDP2 reduce-scatters and averages it).
         """
         for p in self._all_params:
             p.grad = None
@@ -301,8 +369,14 @@ class ConnectionStrength:
     def combine(self) -> Tensor:
         """Phase 2 on the collected rows; points the shared ``.grad`` at the ``[N]`` result.
 
-        Returns the int64 ``[total_channels]`` top-priority tasks it used.
+        Under FSDP2: one all-reduce of per-channel statistics and the model buffers, then
+        this rank's rows (see `cs_kernels.training.fsdp`). Returns the int64
+        ``[total_channels]`` top-priority tasks it used (of the whole model).
         """
+        if self._sharded is not None:  # one all-reduce, then this rank's rows
+            top = self._sharded.combine(self.buffer.grads, self.buffer.out)
+            self.buffer.attach_out()
+            return top
         top = torch.empty(
             self.plan.total_channels, dtype=torch.int64, device=self.buffer.out.device
         )

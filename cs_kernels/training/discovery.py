@@ -1,6 +1,6 @@
 """Connection discovery: which shared Conv/Linear weights feed task-specific connections.
 
-A *connection* (ALGORITHM.md, "Connection strength") is a shared weight ``W: [C, ...]``
+A *connection* (docs/algorithm.md, "Connection strength") is a shared weight ``W: [C, ...]``
 whose output channels each task reaches through its own parameters: a per-task
 BatchNorm/LayerNorm/GroupNorm right after the layer, or a per-task Linear head that reads the
 layer's output. `discover_connections` finds them from the model's structure, traced once on

@@ -13,6 +13,11 @@ has the form ``f = a * g^2 / (v + e)``:
 
 So the BatchNorm/GroupNorm case, the common one, costs three concatenations and a few
 elementwise kernels for the whole model, whatever the number of layers and tasks.
+
+Sharded models (FSDP2) compute the factors in two halves: `FactorTable.parts` gives ``(a, g)``
+from what this process holds, through a ``read`` function that makes every entry a share
+that sums over the processes to the whole (the model's own sum of squares are taken after
+``read``); `FactorTable.combine` finishes ``a * g^2 / (v + e)`` once the shares are summed.
 """
 
 from __future__ import annotations
@@ -24,15 +29,20 @@ from torch import Tensor
 
 from cs_kernels.training.discovery import Connection, TaskLink
 
-_Source = Callable[[], Tensor]
+Read = Callable[[Tensor], Tensor]
+_Source = Callable[[Read], Tensor]
+
+
+def _same(tensor: Tensor) -> Tensor:
+    return tensor
 
 
 def _head_factor(link: TaskLink, channels: int) -> _Source:
     weight = link.module.weight if link.module is not None else None
     assert isinstance(weight, Tensor)
 
-    def compute() -> Tensor:
-        columns = weight.detach().square().sum(dim=0)  # ||H[:, col]||^2 per input column
+    def compute(read: Read) -> Tensor:
+        columns = read(weight.detach()).square().sum(dim=0)  # ||H[:, col]||^2 per input column
         if link.channel_first:
             return columns.view(channels, link.group).sum(dim=1)
         return columns.view(link.group, channels).sum(dim=0)
@@ -44,8 +54,8 @@ def _layernorm_factor(link: TaskLink, channels: int) -> _Source:
     weight = link.module.weight if link.module is not None else None
     assert isinstance(weight, Tensor)
 
-    def compute() -> Tensor:
-        g2 = weight.detach().square()
+    def compute(read: Read) -> Tensor:
+        g2 = read(weight.detach()).square()
         if link.channel_first:
             return g2.reshape(channels, -1).mean(dim=1)
         return g2.reshape(-1, channels).mean(dim=0)
@@ -61,6 +71,8 @@ class FactorTable:
         tasks: task names, in buffer-row order.
         device: where the factors live (the shared weights' device).
         dtype: the result dtype (fp32, or fp64 for fp64 weights).
+        read: for `parts`: maps each tensor an entry is made of (module parameters, the
+            table's own constants; never ``running_var``) to this process's share of it.
     """
 
     def __init__(
@@ -69,8 +81,10 @@ class FactorTable:
         tasks: Sequence[str],
         device: torch.device,
         dtype: torch.dtype,
+        read: Read | None = None,
     ) -> None:
         self.num_tasks = len(tasks)
+        self._read = read
         self.total_channels = sum(c.channels for c in connections)
         self.dtype = dtype
         ones: dict[int, Tensor] = {}
@@ -106,7 +120,8 @@ class FactorTable:
                         v, e = var, eps_value
                 elif link.kind == "groupnorm" or (link.kind == "layernorm" and link.group == 1):
                     assert link.module is not None and isinstance(link.module.weight, Tensor)
-                    g = link.module.weight.view(c)
+                    weight = link.module.weight
+                    g = weight if read is not None else weight.view(c)
                 elif link.kind == "layernorm":
                     a, dynamic = _layernorm_factor(link, c), True
                 elif link.kind == "linear_head":
@@ -124,16 +139,36 @@ class FactorTable:
         # Without heads, LayerNorm maps or user tensors, `a` is constant: fold it once.
         self._a_cache = None if dynamic or not self._a else self._gather_a()
 
-    def _gather_a(self) -> Tensor:
-        return torch.cat([a if isinstance(a, Tensor) else a() for a in self._a]).to(self.dtype)
+    def _gather_a(self, read: Read = _same) -> Tensor:
+        return torch.cat([read(a) if isinstance(a, Tensor) else a(read) for a in self._a]).to(
+            self.dtype
+        )
 
     def compute(self) -> Tensor:
         """``[T, total_channels]`` factors from the live module parameters (detached)."""
         with torch.no_grad():
             if self.total_channels == 0:
                 return self._eps.new_zeros(self.num_tasks, 0)
+            if self._read is not None:
+                raise RuntimeError("a FactorTable with read= computes parts(), then combine()")
             a = self._a_cache if self._a_cache is not None else self._gather_a()
-            g = torch.cat(self._g).to(self.dtype)
-            v = torch.cat(self._v).to(self.dtype)
-            factor = a * g.square() / (v + self._eps)
-            return factor.view(self.num_tasks, self.total_channels)
+            return self._finish(a, torch.cat(self._g).to(self.dtype))
+
+    def parts(self) -> Tensor:
+        """``[2, T, total_channels]``: this process's shares of ``a`` and ``g`` (via ``read``)."""
+        read = self._read if self._read is not None else _same
+        with torch.no_grad():
+            a = self._gather_a(read)
+            g = torch.cat([read(g.detach()).reshape(-1) for g in self._g]).to(self.dtype)
+            return torch.stack([a, g]).view(2, self.num_tasks, self.total_channels)
+
+    def combine(self, parts: Tensor) -> Tensor:
+        """``[T, total_channels]`` factors from the summed `parts` and the live ``v``."""
+        with torch.no_grad():
+            flat = parts.reshape(2, -1)
+            return self._finish(flat[0], flat[1])
+
+    def _finish(self, a: Tensor, g: Tensor) -> Tensor:
+        v = torch.cat(self._v).to(self.dtype)
+        factor = a * g.square() / (v + self._eps)
+        return factor.view(self.num_tasks, self.total_channels)

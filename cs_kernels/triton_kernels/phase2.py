@@ -1,4 +1,4 @@
-"""Phase 2 kernels over the stacked buffer ``grads: [T, N]`` (ALGORITHM.md, "Phase 2").
+"""Phase 2 kernels over the stacked buffer ``grads: [T, N]`` (docs/algorithm.md, "Phase 2").
 
 One launch of `pass1_kernel` covers every layer and gap of the plan, one program per work
 item (`work_items`):
@@ -40,7 +40,7 @@ from cs_kernels.triton_kernels.tiles import (
     row_totals,
     valid_task,
 )
-from cs_kernels.triton_kernels.tuning import INTERPRETED, TileConfig
+from cs_kernels.triton_kernels.tuning import INTERPRETED, TileConfig, task_block
 
 UNIFORM_BLOCK = 64 if INTERPRETED else 1024  # channels per step of the uniform-layer scan
 GROUP_BLOCK = 32 if INTERPRETED else 128  # channels per step of the group reduction
@@ -338,10 +338,22 @@ def _pass2_rows(
     if EXACT:
         total = tl.load(out_ptr + rel, mask=moves, other=0).to(ACC)
     else:  # out was rounded: recompute the sum, so it is rounded once
+        # The loop's loads take the tile's geometric `mask`, never `moves`: a mask computed
+        # from loaded data (`coef`) must not feed memory operations both inside a loop and
+        # after it. Triton 3.6's TritonGPURemoveLayoutConversions keeps a layout conversion
+        # it cannot rematerialise (the mask's slice reaches a load), remembers it, and hands
+        # it to later uses of the same value without checking dominance: the store below
+        # took the conversion placed inside the loop body ("operand #2 does not dominate
+        # this use", every bf16/fp16 pass 2 of some tile shapes; later triton checks
+        # dominance). A geometric mask is always rematerialised, so no conversion of it is
+        # remembered. A tile with no moving row runs no iteration (a scalar trip count); in
+        # a tile that projects, the rows that do not move are re-read too (the rows of a
+        # layer's group move together, so such tiles are few).
         total = tl.zeros([SUB, WIDTH], ACC)
-        for j in range(0, num_tasks):
+        any_moves = tl.max(tl.max(moves.to(tl.int32), axis=1), axis=0)
+        for j in range(0, tl.where(any_moves != 0, num_tasks, 0)):
             total += tl.load(
-                grads_ptr + tl.cast(j, tl.int64) * stride + rel, mask=moves, other=0
+                grads_ptr + tl.cast(j, tl.int64) * stride + rel, mask=mask, other=0
             ).to(ACC)
     value = total - shrink * g_top
     tl.store(out_ptr + rel, value.to(out_ptr.dtype.element_ty), mask=moves)
@@ -431,7 +443,7 @@ def run_phase2(
     shared = {
         "SUB": config.subrows,
         "WIDTH": config.width,
-        "TB": triton.next_power_of_2(tasks),
+        "TB": task_block(tasks),
         "VEC": max(1, 16 // grads.element_size()),
         "EXACT": out.dtype == acc,
         "ACC": triton_dtype(acc),

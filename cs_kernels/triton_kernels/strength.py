@@ -27,7 +27,7 @@ from torch import Tensor
 from cs_kernels._validation import accumulation_dtype
 from cs_kernels.triton_kernels.phase2 import FP_FUSION, triton_dtype
 from cs_kernels.triton_kernels.tiles import COLUMNS, ROWS, flat_tile, row_tile, row_totals
-from cs_kernels.triton_kernels.tuning import INTERPRETED, TileConfig
+from cs_kernels.triton_kernels.tuning import INTERPRETED, TileConfig, task_block
 
 CHANNEL_BLOCK = 32 if INTERPRETED else 128  # channels per step of the priority scan
 ADDRESS_TABLES = 16  # address tables kept (per distinct set of weight tensors)
@@ -175,7 +175,7 @@ def run_strength(
         weight_addresses(weights), weights[0], items, layers, counts, arrived, norms,
         scales if scales is not None else norms, top if top is not None else norms,
         channels_total, tasks,
-        SUB=config.subrows, WIDTH=config.width, TB=triton.next_power_of_2(tasks),
+        SUB=config.subrows, WIDTH=config.width, TB=task_block(tasks),
         BLOCK=CHANNEL_BLOCK, FUSED=fused, ACC=triton_dtype(acc), num_warps=config.num_warps,
         enable_fp_fusion=FP_FUSION,
     )  # fmt: skip
@@ -189,7 +189,7 @@ def run_priority(strength: Tensor, layers: Tensor) -> Tensor:
     if layers.shape[0] > 0:
         priority_kernel[(layers.shape[0],)](
             strength, layers, top, channels, tasks,
-            TB=triton.next_power_of_2(tasks), BLOCK=CHANNEL_BLOCK, num_warps=4,
+            TB=task_block(tasks), BLOCK=CHANNEL_BLOCK, num_warps=4,
             enable_fp_fusion=FP_FUSION,
         )  # fmt: skip
     return top

@@ -25,8 +25,24 @@ from cs_kernels.plan import Phase2Plan
 
 AUTOTUNE_ENV = "CS_KERNELS_TRITON_AUTOTUNE"
 MAX_SUBROWS = 128  # the per-row sum of a row tile builds a [SUB, SUB] mask
-WIDTHS = (256, 128, 64, 32, 16, 8, 4)
+# What the tuner may choose is kept small on purpose: `tests/test_triton_aot.py` compiles
+# every choice ahead of time, for sm_80 and sm_90, under each supported triton, and one
+# compilation costs about 1.4 s of CPU time on the 2-core development machine (measured
+# with a cold cache: 120 configurations in 164-170 CPU-seconds, triton 3.6 and 3.9 alike).
+# Seven widths and one kernel per power-of-two T up to 32, as before, made 2,776
+# configurations per triton version (about 32 minutes on 2 cores, each); this set makes 120
+# (about 1.5 minutes).
+#
+# Sub-row widths: rows of real layers are multiples of 64 nearly always (3x3 convs:
+# 9 * C_in; 1x1 convs and Linear layers: C_in), where width 64 masks no lane; a row is
+# contiguous in memory whatever the width, so a narrower one only pays off for plans of
+# rows shorter than 64 (tiny models, which are launch-bound anyway).
+WIDTHS = (64,)
 WIDTH_TOLERANCE = 0.98
+# The task dimension TB of the kernels' per-row ``[SUB, TB]`` tiles (dots, coefficients) is
+# a compile-time constant: one kernel with TB = 32 serves every T <= 32. The unused columns
+# cost a few registers and selects per task, next to the T tile loads each program issues.
+TASK_BLOCKS = (32,)
 
 
 @triton.jit
@@ -51,6 +67,20 @@ class TileConfig(NamedTuple):
         return self.tile // self.width
 
 
+def task_block(tasks: int) -> int:
+    """TB for ``tasks`` tasks: the smallest of `TASK_BLOCKS` that holds them. Past the
+    largest, the next power of two: compiled on first use, outside the ahead-of-time check."""
+    for block in TASK_BLOCKS:
+        if tasks <= block:
+            return block
+    return int(triton.next_power_of_2(tasks))
+
+
+def widths_for(tile: int) -> list[int]:
+    """The sub-row widths a tile of ``tile`` elements may use, widest first."""
+    return [w for w in WIDTHS if w <= tile and tile // w <= MAX_SUBROWS]
+
+
 def lane_efficiency(rows: Sequence[tuple[int, int]], tile: int, width: int) -> float:
     """Fraction of tile lanes holding data for layers ``rows = [(channels, row_length)]``."""
     per_tile = tile // width
@@ -65,12 +95,13 @@ def lane_efficiency(rows: Sequence[tuple[int, int]], tile: int, width: int) -> f
     return useful / lanes if lanes else 1.0
 
 
-def best_width(rows: Sequence[tuple[int, int]], tile: int) -> int:
-    """The widest sub-row width that masks at most 2% more lanes than the best one: wider
-    sub-rows mean longer contiguous runs and fewer sub-rows per row to sum."""
-    widths = [w for w in WIDTHS if w <= tile and tile // w <= MAX_SUBROWS]
-    if not widths:
-        return tile
+def best_width(
+    rows: Sequence[tuple[int, int]], tile: int, widths: Sequence[int] | None = None
+) -> int:
+    """The widest sub-row width (of ``widths``, default `widths_for`) that masks at most 2%
+    more lanes than the best one: wider sub-rows mean longer contiguous runs and fewer
+    sub-rows per row to sum."""
+    widths = list(widths) if widths is not None else widths_for(tile)
     efficiency = {w: lane_efficiency(rows, tile, w) for w in widths}
     best = max(efficiency.values())
     return max(w for w in widths if efficiency[w] >= WIDTH_TOLERANCE * best)
@@ -80,29 +111,54 @@ def _layer_rows(plan: Phase2Plan) -> list[tuple[int, int]]:
     return [(layer.channels, layer.row_length) for layer in plan.layers]
 
 
-def phase2_candidates(plan: Phase2Plan, element_size: int) -> list[TileConfig]:
-    """Configurations worth timing, the heuristic choice first.
+def phase2_shapes(element_size: int) -> list[tuple[int, int, int]]:
+    """``(tile, num_warps, num_stages)`` of the Phase 2 candidates, the heuristic first.
 
     The heuristic takes a tile of 4096 elements (2048 for fp64, whose accumulators take
     twice the registers) over 16 warps: about 100 registers a thread, no spills. The others:
     half the tile over 8 warps (two programs per SM), twice the tile (rows up to 8192 read
     once, at the cost of spilled registers), and the heuristic tile with two pipeline stages.
-    The sub-row width of each tile is the one that masks the fewest lanes of this plan.
     """
-    rows = _layer_rows(plan)
     if INTERPRETED:
-        return [TileConfig(2048, best_width(rows, 2048), 1, 1)]
+        return [(2048, 1, 1)]
     base = 2048 if element_size >= 8 else 4096
-    shapes = [(base, 16, 1), (base // 2, 8, 1), (base * 2, 16, 1), (base, 16, 2)]
-    return [TileConfig(t, best_width(rows, t), warps, stages) for t, warps, stages in shapes]
+    return [(base, 16, 1), (base // 2, 8, 1), (base * 2, 16, 1), (base, 16, 2)]
+
+
+def phase2_candidates(plan: Phase2Plan, element_size: int) -> list[TileConfig]:
+    """Configurations worth timing (`phase2_shapes`), the heuristic choice first; the
+    sub-row width of each tile is the one that masks the fewest lanes of this plan."""
+    rows = _layer_rows(plan)
+    return [
+        TileConfig(tile, best_width(rows, tile), warps, stages)
+        for tile, warps, stages in phase2_shapes(element_size)
+    ]
+
+
+def phase2_space(element_size: int) -> list[TileConfig]:
+    """Every configuration `phase2_candidates` can return, whatever the plan: what the
+    ahead-of-time compile check covers."""
+    return [
+        TileConfig(tile, width, warps, stages)
+        for tile, warps, stages in phase2_shapes(element_size)
+        for width in widths_for(tile)
+    ]
+
+
+STRENGTH_TILE = 512 if INTERPRETED else 2048
+STRENGTH_WARPS = 1 if INTERPRETED else 8
 
 
 def strength_config(plan: Phase2Plan) -> TileConfig:
     """The strength kernel reads the weights once (``N`` elements, not ``T * N``): a fixed,
     heuristic configuration is enough."""
     rows = _layer_rows(plan)
-    tile = 512 if INTERPRETED else 2048
-    return TileConfig(tile, best_width(rows, tile), 1 if INTERPRETED else 8, 1)
+    return TileConfig(STRENGTH_TILE, best_width(rows, STRENGTH_TILE), STRENGTH_WARPS, 1)
+
+
+def strength_space() -> list[TileConfig]:
+    """Every configuration `strength_config` can return, whatever the plan."""
+    return [TileConfig(STRENGTH_TILE, w, STRENGTH_WARPS, 1) for w in widths_for(STRENGTH_TILE)]
 
 
 def autotune_enabled() -> bool:

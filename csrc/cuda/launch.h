@@ -14,7 +14,7 @@ namespace cuda {
 
 enum class ScalarType : int { kFloat32 = 0, kFloat64 = 1, kBFloat16 = 2, kFloat16 = 3 };
 
-// Phase 2 (ALGORITHM.md) on grads [T, N], with the plan's tables in device memory.
+// Phase 2 (docs/algorithm.md) on grads [T, N], with the plan's tables in device memory.
 struct Phase2Problem {
   ScalarType dtype = ScalarType::kFloat32;
   const void* grads = nullptr;       // [T, N], contiguous

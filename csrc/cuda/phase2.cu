@@ -1,4 +1,4 @@
-// Phase 2 of connection strength-based optimization on the GPU (ALGORITHM.md, "Phase 2").
+// Phase 2 of connection strength-based optimization on the GPU (docs/algorithm.md, "Phase 2").
 //
 // grads [T, N] -> out [N] (and optionally projected [T, N]) in three launches, each covering
 // every layer and gap of the plan through tables in device memory:
@@ -341,7 +341,7 @@ __device__ __forceinline__ void main_piece(const Params<scalar_t>& p, const Piec
         if (j >= tasks) continue;
         acc_t slot = dot[jj];
         if (mode.fused) {
-          // ALGORITHM.md: coef_j = a_j / ||G_i||^2 where a_j < 0, j != i.
+          // docs/algorithm.md: coef_j = a_j / ||G_i||^2 where a_j < 0, j != i.
           const acc_t coef = (j != top && dot[jj] < acc_t(0) && norm_sq > acc_t(0))
                                  ? dot[jj] / norm_sq
                                  : acc_t(0);

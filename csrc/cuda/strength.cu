@@ -1,4 +1,4 @@
-// Connection strength on the GPU (ALGORITHM.md steps 1-3): squared row norms of the shared
+// Connection strength on the GPU (docs/algorithm.md steps 1-3): squared row norms of the shared
 // weights (many matrices per launch) and the per-layer top-priority task.
 #include "common.cuh"
 #include "launch.h"
@@ -95,7 +95,7 @@ const char* row_sqnorm_typed(const Matrix* matrices, int64_t count, void* out, v
 
 // Block l: layer l's per-task totals (fp64, fixed-order block sums), then the argmax over
 // tasks of strength / total for each of its channels; strict '>' keeps ties on the lowest
-// task, a task with a zero total counts as 0 (ALGORITHM.md step 3).
+// task, a task with a zero total counts as 0 (docs/algorithm.md step 3).
 template <typename strength_t>
 __global__ void __launch_bounds__(kThreads) top_priority_kernel(
     const strength_t* strength, int64_t tasks, int64_t total_channels, const int64_t* layers,
