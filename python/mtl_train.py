@@ -395,8 +395,9 @@ def train_run(
         durations.extend(run_timer.durations)
         skipped += run_timer.skipped
 
-    if method == "single":
-        test: dict[str, float] = {}
+    step: TrainStep | None = None
+    scales: dict[str, float] = {}
+    if method == "single":  # one model per task, each scored on its own task
         val: dict[str, float] = {}
         test_all: dict[str, dict[str, float]] = {}
         history: list[dict[str, dict[str, float]]] = [
@@ -415,44 +416,25 @@ def train_run(
                 mine["loss"].update(theirs["loss"])
                 mine["val"].update(theirs["val"])
             steps += n
-        test = {t: test_all[t][bench.specs[t].metric] for t in tasks}
-        wall = clock() - start
-        quartiles = step_quartiles(durations)
-        result = RunResult(
-            method,
-            seed,
-            tasks,
-            test,
-            val,
-            wall,
-            steps,
-            history,
-            quartiles,
-            len(durations),
-            skipped,
-            test_all,
+    else:
+        run_timer = timer()
+        model, step, history, steps, scales = _train_model(
+            method, tasks, data, config, seed, progress, run_timer, bench=bench
         )
-        return result, None
-    run_timer = timer()
-    model, step, history, steps, scales = _train_model(
-        method, tasks, data, config, seed, progress, run_timer, bench=bench
-    )
-    timed(run_timer)
-    test_all = test_metrics(model, tasks)
+        timed(run_timer)
+        test_all = test_metrics(model, tasks)
+        val = _validate(bench, model, data.val, tasks)
     test = {t: test_all[t][bench.specs[t].metric] for t in tasks}
-    val = _validate(bench, model, data.val, tasks)
-    wall = clock() - start
-    quartiles = step_quartiles(durations)
     result = RunResult(
         method,
         seed,
         tasks,
         test,
         val,
-        wall,
+        clock() - start,
         steps,
         history,
-        quartiles,
+        step_quartiles(durations),
         len(durations),
         skipped,
         test_all,
