@@ -8,10 +8,15 @@ into the model's types in ``decode``; the harness only ever reads batches throug
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
+
+SPLITS = ("train", "val", "test")
+S = TypeVar("S", bound="Splits")
 
 
 @dataclass(frozen=True)
@@ -61,3 +66,19 @@ class Split:
     def batch(self, index: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """Images and targets of the examples at ``index`` (int64 ``[b]``), decoded."""
         return self.decode(self.images[index], {k: v[index] for k, v in self.targets.items()})
+
+
+class Splits:
+    """A benchmark's three splits: base of a frozen dataclass with ``train``, ``val`` and
+    ``test`` fields (`Split`s) and any other fields (seed, resolution) kept as they are."""
+
+    def split(self, name: str) -> Any:
+        """``"train"``, ``"val"`` or ``"test"``."""
+        if name not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {name!r}")
+        return getattr(self, name)
+
+    def to(self: S, device: torch.device | str) -> S:
+        """A copy with every split on ``device``."""
+        moved = {name: getattr(self, name).to(device) for name in SPLITS}
+        return dataclasses.replace(self, **moved)  # type: ignore[type-var]

@@ -30,14 +30,13 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from mtl_data import Split, TaskSpec
+from mtl_data import Split, Splits, TaskSpec
 from torch import Tensor
 
 DIGIT = 16  # side of one upsampled digit
 SHIFT = 4  # offset of the right digit, down and right
 CANVAS = DIGIT + SHIFT  # side of the composed image
 MASK_THRESHOLD = 0.5
-SPLITS = ("train", "val", "test")
 SOURCE_FRACTIONS = (0.6, 0.2, 0.2)
 
 TASKS: dict[str, TaskSpec] = {
@@ -55,26 +54,13 @@ NUM_CLASSES = 10
 
 
 @dataclass(frozen=True)
-class MultiDigits:
+class MultiDigits(Splits):
     """The three fixed splits of one seed."""
 
     train: Split
     val: Split
     test: Split
     seed: int
-
-    def split(self, name: str) -> Split:
-        """``"train"``, ``"val"`` or ``"test"``."""
-        if name not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}, got {name!r}")
-        split: Split = getattr(self, name)
-        return split
-
-    def to(self, device: torch.device | str) -> MultiDigits:
-        """A copy with every split on ``device``."""
-        return MultiDigits(
-            self.train.to(device), self.val.to(device), self.test.to(device), self.seed
-        )
 
 
 def _source_digits() -> tuple[Tensor, Tensor]:

@@ -46,14 +46,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from mtl_data import Split, TaskSpec
+from mtl_data import SPLITS, Split, Splits, TaskSpec
 from torch import Tensor
 
 CLASSES = ("floor", "wall", "ceiling", "box", "sphere", "cylinder")
 FLOOR, WALL, CEILING, BOX, SPHERE, CYLINDER = range(len(CLASSES))
 MAX_BOXES, MAX_SPHERES, MAX_CYLINDERS = 3, 2, 2
 FOV_DEG = 60.0
-SPLITS = ("train", "val", "test")
 FORMAT_VERSION = 1  # part of the cache key: bump when the rendering changes
 CHUNK = 64  # scenes rendered at once (fixed: the bytes do not depend on the machine)
 EPS = 1e-4
@@ -107,7 +106,7 @@ class ScenesSplit(Split):
 
 
 @dataclass(frozen=True)
-class Scenes:
+class Scenes(Splits):
     """The three fixed splits of one seed at one resolution."""
 
     train: ScenesSplit
@@ -115,23 +114,6 @@ class Scenes:
     test: ScenesSplit
     seed: int
     resolution: int
-
-    def split(self, name: str) -> ScenesSplit:
-        """``"train"``, ``"val"`` or ``"test"``."""
-        if name not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}, got {name!r}")
-        split: ScenesSplit = getattr(self, name)
-        return split
-
-    def to(self, device: torch.device | str) -> Scenes:
-        """A copy with every split on ``device``."""
-        return Scenes(
-            self.train.to(device),
-            self.val.to(device),
-            self.test.to(device),
-            self.seed,
-            self.resolution,
-        )
 
 
 # ------------------------------------------------------------------------ scene sampling
