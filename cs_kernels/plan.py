@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from typing import NamedTuple, TypeVar
 
 import torch
+import torch.utils._pytree as pytree
 from torch import Tensor
 
 from cs_kernels._validation import require_int
@@ -89,7 +90,20 @@ class Phase2Plan:
             total += layer.channels
         self.first_channels: tuple[int, ...] = tuple(firsts)
         self.total_channels = total
+        self._layout = (self.numel, self.layers)
+        self._hash = hash(self._layout)
         self._cache: dict[tuple[str, torch.device], object] = {}
+
+    def __eq__(self, other: object) -> bool:
+        """Plans are equal when they describe the same layout (``numel`` and ``layers``)."""
+        if self is other:
+            return True
+        if not isinstance(other, Phase2Plan):
+            return NotImplemented
+        return self._hash == other._hash and self._layout == other._layout
+
+    def __hash__(self) -> int:
+        return self._hash
 
     @classmethod
     def from_shapes(
@@ -180,6 +194,12 @@ class Phase2Plan:
             f"Phase2Plan(numel={self.numel}, layers={self.num_layers}, "
             f"channels={self.total_channels}, connection_numel={self.connection_numel})"
         )
+
+
+# Under torch.compile a plan is a constant (guarded by equality): the backends' host-built index
+# tables are computed from it while tracing (`torch.compiler.assume_constant_result`), which
+# torch 2.11 allows only for arguments Dynamo can treat as constants.
+pytree.register_constant(Phase2Plan)
 
 
 @functools.lru_cache(maxsize=256)

@@ -46,3 +46,23 @@ def test_compiled_ops_pass_the_opcheck() -> None:
     torch.library.opcheck(
         torch.ops.cs_kernels.top_priority.default, (strength, MIXED.layer_table("cpu"))
     )
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_a_compiled_step_follows_the_plan_it_is_given(backend: str) -> None:
+    """The plan is a compile-time constant guarded by equality: another layout of the same
+    ``N`` must recompile (not reuse the first plan's index tables); an equal plan may not."""
+    first = ck.Phase2Plan([(0, 4, 6), (24, 2, 5), (40, 3, 2)], 50)
+    other = ck.Phase2Plan([(2, 6, 4), (30, 5, 2), (44, 1, 6)], 50)
+    twin = ck.Phase2Plan(list(first.layers), first.numel)
+    gen = torch.Generator().manual_seed(2)
+    grads = torch.randn(3, 50, generator=gen).to(DEVICE)
+
+    def step(g: torch.Tensor, t: torch.Tensor, plan: ck.Phase2Plan) -> torch.Tensor:
+        return ck.phase2(g, plan, top=t, backend=backend, check=False) * 1.0
+
+    compiled = torch.compile(step, fullgraph=True)
+    for plan in (first, other, twin, first):
+        top = torch.randint(0, 3, (plan.total_channels,), generator=gen).to(DEVICE)
+        expected = ck.phase2(grads, plan, top=top, backend="reference")
+        torch.testing.assert_close(compiled(grads, top, plan), expected, atol=1e-5, rtol=1e-5)

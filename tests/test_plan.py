@@ -38,3 +38,15 @@ def test_empty_plan() -> None:
     assert plan.total_channels == 0 and plan.gaps == ()
     grads = torch.empty(2, 0)
     assert ck.phase2(grads, plan, top=torch.empty(0, dtype=torch.int64)).shape == (0,)
+
+
+def test_plans_with_the_same_layout_are_equal_and_hash_alike() -> None:
+    a = ck.Phase2Plan([(4, 2, 3), (0, 1, 4)], 12)
+    b = ck.Phase2Plan([[4, 2, 3], [0, 1, 4]], 12)
+    assert a == b and hash(a) == hash(b) and len({a, b}) == 1
+    assert a != ck.Phase2Plan([(4, 2, 3), (0, 1, 4)], 13)  # another numel
+    assert a != ck.Phase2Plan([(0, 1, 4), (4, 2, 3)], 12)  # another channel order
+    assert a != ck.Phase2Plan([(4, 2, 3)], 12)
+    assert a != "plan" and a != (12, a.layers)
+    a.layer_table("cpu")  # a filled cache does not change equality
+    assert a == b and hash(a) == hash(b)
