@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 READY  := $(VENV)/.cs_kernels_ready
 
-.PHONY: setup build test test-fast test-models lint cuda-check gpu-check demo reproduce bench bench-load clean
+.PHONY: setup build test test-fast test-models lint cuda-check gpu-check gpu-rehearsal demo reproduce bench bench-load clean
 
 setup: $(READY)
 
@@ -21,18 +21,26 @@ lint: $(READY)
 
 # Also under the GPU machines' triton 3.6.0 (.venv-triton36, made by the set-up): the
 # ahead-of-time compile of every kernel configuration and the interpreter suites. Then the
-# real torchvision/timm models (test-models).
+# GPU run rehearsed in the GPU machines' twin (gpu-rehearsal; the real torchvision/timm
+# models included).
 test: $(READY)
 	$(PY) tools/static_checks.py
 	$(PY) tools/check_cuda_compile.py
 	CS_KERNELS_REQUIRE_CPU=1 $(PY) -m pytest -q tests
-	$(MAKE) test-models
+	$(MAKE) gpu-rehearsal
 
-# The real torchvision/timm models (tests/test_real_models.py) in an interpreter that imports
-# them: .venv where it does (GPU machines), else .venv-models (created on first use: a CUDA build
-# of torch that runs on the CPU, with torchvision and timm; about 5.5 GB).
+# The real torchvision/timm models (tests/test_real_models.py) alone, in an interpreter that
+# imports them: .venv where it does (GPU machines), else the GPU machines' twin .venv-gpu-twin
+# (created on first use: Python 3.12, torch 2.11.0+cu130, which runs on the CPU, triton 3.6.0,
+# torchvision 0.26.0, timm; about 4.8 GB).
 test-models: $(READY)
-	$(PYTHON) tools/models_env.py --main $(PY) --venv .venv-models
+	$(PYTHON) tools/models_env.py --main $(PY) --venv .venv-gpu-twin
+
+# `make gpu-check` rehearsed without a GPU (tools/gpu_rehearsal.py, about 6 minutes on 2
+# cores): in a copy of the tree, with the twin's python, the CUDA build for sm_90, the suite on
+# the CPU with that build, the benchmark and demo at CPU sizes; logs in gpu-rehearsal-results/.
+gpu-rehearsal: $(READY)
+	$(PYTHON) tools/gpu_rehearsal.py --venv .venv-gpu-twin --results gpu-rehearsal-results
 
 # Compile-only check of the CUDA kernels (sm_80, sm_90); skipped with a message without nvcc.
 cuda-check: $(READY)
@@ -74,4 +82,4 @@ bench-load: $(READY)
 	$(PY) benchmarks/phase2_table.py --load 3 --save
 
 clean:
-	rm -rf $(VENV) .venv-triton36 .venv-models build *.egg-info cs_kernels/*.so
+	rm -rf $(VENV) .venv-triton36 .venv-gpu-twin build *.egg-info cs_kernels/*.so gpu-rehearsal-results

@@ -302,7 +302,9 @@ def make_workload(
 
 
 def _compiled_phase2(work: Workload, mode: str) -> Callable[[], object]:
-    """``torch.compile`` of the ``torch`` backend's Phase 2 on this workload."""
+    """``torch.compile`` of the ``torch`` backend's Phase 2 on this workload, compiled here:
+    the compile (seconds) must not be the first call that `warm_up` times, or it would count
+    as the case's time (a first call over ``--very-slow-seconds`` is the sample)."""
     torch._dynamo.reset()  # a fresh cache: every workload would otherwise count as a recompile
     grads, plan, top, out = work.grads, work.plan, work.top, work.out
 
@@ -311,7 +313,10 @@ def _compiled_phase2(work: Workload, mode: str) -> Callable[[], object]:
             grads, plan, top=top, mode=mode, out=out, backend="torch", check=False
         )
 
-    return torch.compile(step)
+    compiled = torch.compile(step)
+    seconds = _timed(compiled, grads.device) / 1e3
+    print(f"[bench] torch.compile(torch) {mode}: compiled in {seconds:.1f} s", flush=True)
+    return compiled
 
 
 def cases(

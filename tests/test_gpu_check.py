@@ -104,3 +104,39 @@ def test_a_stage_past_its_limit_is_stopped(tmp_path: Path) -> None:
     assert "stopped after" in log.read_text()
     status, _ = gpu_check.run_logged([[sys.executable, "-c", "print('hi')"]], log, {}, 30)
     assert status == 0 and "hi" in log.read_text()
+
+
+def test_rehearsal_stage_commands_run_on_the_cpu(tmp_path: Path) -> None:
+    """--rehearse: the same stages, the same CUDA build, but the device is the CPU, the real
+    models are required, and the interpreter child (triton 3.6 on new numpy) is left out."""
+    commands, env = gpu_check.stage_commands("build", INFO, tmp_path, True, rehearse=True)
+    assert commands[0][1:] == ["setup.py", "build_ext", "--inplace"]
+    assert env["TORCH_CUDA_ARCH_LIST"] == "9.0" and env["CS_KERNELS_CUDA"] == "1"
+    assert "cuda_kernels_built()" in commands[1][-1] and "s['cuda'] ==" not in commands[1][-1]
+    assert commands[2][-2:] == ["--arch", "90"]
+    commands, env = gpu_check.stage_commands("tests", INFO, tmp_path, True, rehearse=True)
+    assert env["CS_KERNELS_TEST_DEVICE"] == "cpu" and env["CS_KERNELS_REQUIRE_MODELS"] == "1"
+    assert env["CS_KERNELS_REQUIRE_CPU"] == "1"
+    assert commands[0][-3:] == ["--deselect", "tests/test_triton_interpreter.py", "tests"]
+    commands, _ = gpu_check.stage_commands("bench", INFO, tmp_path, True, rehearse=True)
+    assert all("--quick" in c and "cuda" not in c for c in commands)
+    assert "--compiled" in commands[1] and "resnet18" in commands[1]
+    commands, _ = gpu_check.stage_commands("demo", INFO, tmp_path, True, rehearse=True)
+    assert commands[0][1:5] == ["python/demo.py", "--quick", "--device", "cpu"]
+
+
+def test_rehearsal_preflight_needs_a_cuda_build_of_torch_not_a_gpu() -> None:
+    if torch.version.cuda is None:
+        with pytest.raises(gpu_check.MissingGpu, match="CPU-only build"):
+            gpu_check.rehearsal_preflight("90")
+        proc = subprocess.run([sys.executable, "tools/gpu_check.py", "--rehearse"], cwd=ROOT,
+                              capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert proc.returncode == 2 and "needs a CUDA build of torch" in proc.stderr
+        assert "Traceback" not in proc.stderr
+    else:
+        info = gpu_check.rehearsal_preflight("90")
+        assert info["capability"] == "9.0" and info["arch"] == "90"
+        assert info["device"].startswith("CPU rehearsal, no GPU")
+    args = gpu_check.parse_args(["--rehearse"])
+    assert args.deadline == gpu_check.REHEARSAL_DEADLINE_S and args.arch == "90"
+    assert gpu_check.parse_args([]).deadline == gpu_check.DEADLINE_S

@@ -33,6 +33,16 @@ was estimated is written beside it). A stage past its budget is reported; a stag
 stopped only at its hard limit, and the whole run ends before ``--deadline`` seconds so a
 10-minute session limit still gets the results. Without a GPU it stops at once (exit
 status 2) with a message naming what is missing.
+
+``--rehearse`` runs the same stages on a machine without a GPU, so that what can break
+before the first kernel launch breaks here and not in a GPU session: the CUDA build for
+``--arch`` (sm_90 by default) against this interpreter's torch, whose CUDA build it needs,
+and the AOT compile for that architecture; the whole suite on the CPU with that build
+(and the real torchvision/timm models required); the benchmark table and its
+``torch.compile`` run at the CPU's quick sizes; the demo on the CPU. `tools/gpu_rehearsal.py`
+(``make gpu-rehearsal``) runs it in a copy of the tree with the GPU machines' Python and
+packages. Its timings are CPU timings: no budget applies, only the stage limits, times
+``REHEARSAL_LIMIT_FACTOR``.
 """
 
 from __future__ import annotations
@@ -109,6 +119,12 @@ STAGES = (
 )
 TOTAL_BUDGET_S = 540  # 9 minutes
 DEADLINE_S = 570  # the whole run ends before this, results collected
+REHEARSAL_LIMIT_FACTOR = 4  # the stage limits on 2 CPU cores instead of 16 and a GPU
+REHEARSAL_DEADLINE_S = 3600
+# On the CPU the interpreter child of the twin's triton 3.6 fails on numpy >= 2.4 (a triton
+# 3.6 limitation, see tests/test_triton_interpreter.py); `make test` runs both interpreter
+# suites in environments made for them, and on a GPU this module skips itself.
+REHEARSAL_DESELECT = ("tests/test_triton_interpreter.py",)
 
 
 @dataclass
@@ -124,6 +140,46 @@ class Outcome:
 
 class MissingGpu(Exception):
     """What this machine lacks for the check, in words."""
+
+
+def toolchain(missing: Sequence[str]) -> dict[str, str]:
+    """This interpreter's versions (torch and triton must import)."""
+    if missing:
+        raise MissingGpu(f"{sys.executable} lacks {', '.join(missing)} (no network here?)")
+    import torch
+    import triton
+
+    return {
+        "torch": torch.__version__,
+        "torch_cuda": str(torch.version.cuda),
+        "triton": triton.__version__,
+        "python": platform.python_version(),
+        "executable": sys.executable,
+        "cores": str(len(os.sched_getaffinity(0))),
+    }
+
+
+def rehearsal_preflight(arch: str) -> dict[str, str]:
+    """`preflight` for ``--rehearse``: no GPU needed, but a CUDA build of torch (to build
+    the CUDA kernels for sm_``arch``) and the same packages."""
+    missing = [name for name in NEEDED if importlib.util.find_spec(name) is None]
+    if "torch" in missing:
+        raise MissingGpu(f"{sys.executable} has no torch: install torch with CUDA first")
+    import torch
+
+    if torch.version.cuda is None:
+        raise MissingGpu(
+            f"torch {torch.__version__} is a CPU-only build: the rehearsal builds the CUDA "
+            "kernels, so it needs a CUDA build of torch (it runs on the CPU)"
+        )
+    if not (arch.isdigit() and len(arch) >= 2):
+        raise MissingGpu(f"--arch must be like 90 (sm_90), got {arch!r}")
+    return {
+        "device": f"CPU rehearsal, no GPU ({platform.processor() or platform.machine()})",
+        "capability": f"{arch[:-1]}.{arch[-1]}",
+        "arch": arch,
+        **toolchain(missing),
+    }
 
 
 def preflight() -> dict[str, str]:
@@ -145,21 +201,13 @@ def preflight() -> dict[str, str]:
             f"no CUDA GPU: {why}; nvidia-smi {'is at ' + smi if smi else 'is not installed'}. "
             "make gpu-check needs an NVIDIA GPU."
         )
-    if missing:
-        raise MissingGpu(f"{sys.executable} lacks {', '.join(missing)} (no network here?)")
+    versions = toolchain(missing)
     major, minor = torch.cuda.get_device_capability(0)
-    import triton
-
     return {
         "device": torch.cuda.get_device_name(0),
         "capability": f"{major}.{minor}",
         "arch": f"{major}{minor}",
-        "torch": torch.__version__,
-        "torch_cuda": str(torch.version.cuda),
-        "triton": triton.__version__,
-        "python": platform.python_version(),
-        "executable": sys.executable,
-        "cores": str(len(os.sched_getaffinity(0))),
+        **versions,
     }
 
 
@@ -205,15 +253,21 @@ def base_env(info: dict[str, str]) -> dict[str, str]:
 
 
 def stage_commands(
-    name: str, info: dict[str, str], work: Path, built: bool
+    name: str, info: dict[str, str], work: Path, built: bool, rehearse: bool = False
 ) -> tuple[list[list[str]], dict[str, str]]:
-    """The commands of one stage and their environment."""
+    """The commands of one stage and their environment (``rehearse``: on the CPU)."""
     py = sys.executable
     env = base_env(info)
+    device = "cpu" if rehearse else "cuda"
     if name == "build":
         env.update(CS_KERNELS_CUDA="1", TORCH_CUDA_ARCH_LIST=info["capability"])
-        check = ("import cs_kernels as ck; s = ck.backend_status(); print(s); "
-                 "assert s['cuda'] == 'available' and s['cpu'] == 'available', s")  # fmt: skip
+        if rehearse:  # built with the CUDA kernels; the CPU ones run
+            check = ("import cs_kernels as ck; from cs_kernels import _extension as e; "
+                     "s = ck.backend_status(); print(s); "
+                     "assert e.cuda_kernels_built() and s['cpu'] == 'available', s")  # fmt: skip
+        else:
+            check = ("import cs_kernels as ck; s = ck.backend_status(); print(s); "
+                     "assert s['cuda'] == 'available' and s['cpu'] == 'available', s")  # fmt: skip
         return [
             [py, "setup.py", "build_ext", "--inplace"],
             [py, "-c", check],
@@ -222,23 +276,31 @@ def stage_commands(
     if name == "tests":
         # The heuristic tile (no autotuning) outside the tests that turn tuning on: each new
         # plan of the property tests would otherwise time every candidate.
-        env.update(CS_KERNELS_TEST_DEVICE="cuda", CS_KERNELS_TRITON_AUTOTUNE="0")
+        env.update(CS_KERNELS_TEST_DEVICE=device, CS_KERNELS_TRITON_AUTOTUNE="0")
         if built:
             env.update(CS_KERNELS_REQUIRE_CPU="1")
         else:  # a rerun without the build: whatever is built is tested
             env.pop("CS_KERNELS_REQUIRE_CPU", None)
+        extra: list[str] = []
+        if rehearse:
+            env.update(CS_KERNELS_REQUIRE_MODELS="1")
+            extra = [arg for path in REHEARSAL_DESELECT for arg in ("--deselect", path)]
         return [[py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--durations=15",
-                 "tests"]], env  # fmt: skip
+                 *extra, "tests"]], env  # fmt: skip
     if name == "bench":
-        table = [py, "benchmarks/phase2_table.py", "--device", "cuda", "--save", "--repeats",
+        table = [py, "benchmarks/phase2_table.py", "--device", device, "--save", "--repeats",
                  "5", "--warmup-seconds", "0.1", "--very-slow-seconds", "1"]  # fmt: skip
+        model = "resnet50"
+        if rehearse:  # the CPU's quick sizes: ResNet-18, T = 2
+            table.append("--quick")
+            model = "resnet18"
         return [
             [*table, "--no-compiled"],
-            [*table, "--compiled", "--models", "resnet50", "--tasks", "3", "--dtypes",
+            [*table, "--compiled", "--models", model, "--tasks", "3", "--dtypes",
              "float32", "--modes", "group"],
         ], env  # fmt: skip
     if name == "demo":
-        return [[py, "python/demo.py", "--quick", "--device", "cuda", "--results",
+        return [[py, "python/demo.py", "--quick", "--device", device, "--results",
                  str(work / "demo")]], env  # fmt: skip
     raise ValueError(name)
 
@@ -252,12 +314,12 @@ def saved_benchmarks(log: Path) -> list[Path]:
     return found
 
 
-def run_bench(info: dict[str, str], work: Path, log: Path, timeout: float) -> tuple[
-    int | None, float, list[Path]
-]:  # fmt: skip
+def run_bench(
+    info: dict[str, str], work: Path, log: Path, timeout: float, rehearse: bool = False
+) -> tuple[int | None, float, list[Path]]:
     """Both benchmark runs. They save under one name (device and date), so the table's file
     is kept aside while the torch.compile run writes, then that one becomes ``-compiled``."""
-    commands, env = stage_commands("bench", info, work, True)
+    commands, env = stage_commands("bench", info, work, True, rehearse)
     start = time.monotonic()
     status, _ = run_logged(commands[:1], log, env, timeout)
     files = saved_benchmarks(log)
@@ -298,11 +360,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="leave a stage out (repeatable), e.g. --skip build on a rerun")  # fmt: skip
     p.add_argument("--only", action="append", default=[], choices=names,
                    help="run only these stages (repeatable)")  # fmt: skip
-    p.add_argument("--deadline", type=float, default=DEADLINE_S,
-                   help=f"end every stage within this many seconds ({DEADLINE_S})")  # fmt: skip
+    p.add_argument("--deadline", type=float,
+                   help=f"end every stage within this many seconds ({DEADLINE_S}; "
+                   f"{REHEARSAL_DEADLINE_S} with --rehearse)")  # fmt: skip
+    p.add_argument("--rehearse", action="store_true",
+                   help="no GPU: the stages on the CPU (the CUDA build for --arch)")  # fmt: skip
+    p.add_argument("--arch", default="90", help="with --rehearse: build for sm_ARCH (90)")
     p.add_argument("--plan", action="store_true",
                    help="print the stages, budgets and estimates; run nothing")  # fmt: skip
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.deadline is None:
+        args.deadline = REHEARSAL_DEADLINE_S if args.rehearse else DEADLINE_S
+    return args
 
 
 def print_plan() -> None:
@@ -318,8 +387,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print_plan()
         return 0
     started = time.monotonic()
+    rehearse = bool(args.rehearse)
     try:
-        info = preflight()
+        info = rehearsal_preflight(args.arch) if rehearse else preflight()
     except MissingGpu as missing:
         print(f"[gpu-check] stopped: {missing}", file=sys.stderr)
         return 2
@@ -341,14 +411,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             if left < 10:
                 outcomes.append(Outcome(stage.name, "not run: deadline", 0.0, stage.budget_s))
                 continue
-            timeout = min(stage.limit_s, left)
+            limit = stage.limit_s * (REHEARSAL_LIMIT_FACTOR if rehearse else 1)
+            timeout = min(limit, left)
             log = results / f"{stage.name}.log"
             print(f"\n[gpu-check] == {stage.name} (budget {stage.budget_s} s) ==", flush=True)
             files: list[Path] = []
             if stage.name == "bench":
-                status, seconds, files = run_bench(info, work, log, timeout)
+                status, seconds, files = run_bench(info, work, log, timeout, rehearse)
             else:
-                commands, env = stage_commands(stage.name, info, work, built)
+                commands, env = stage_commands(stage.name, info, work, built, rehearse)
                 status, seconds = run_logged(commands, log, env, timeout)
                 if stage.name == "demo":
                     files = sorted((work / "demo").glob("*.json"))
@@ -356,7 +427,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if file.exists():
                     shutil.copy2(file, results / file.name)
             state = "timeout" if status is None else "failed" if status else "ok"
-            if state == "ok" and seconds > stage.budget_s:
+            if state == "ok" and seconds > stage.budget_s and not rehearse:
                 state = "ok, over budget"
             outcomes.append(Outcome(stage.name, state, seconds, stage.budget_s, log.name,
                                     files=[f.name for f in files]))  # fmt: skip
@@ -364,6 +435,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     (results / "bench-compiled.log").unlink(missing_ok=True)  # appended to bench.log
     summary = {
         **info,
+        "rehearsal": rehearse,
         "total_seconds": round(time.monotonic() - started, 1),
         "total_budget_s": TOTAL_BUDGET_S,
         "stages": [asdict(o) for o in outcomes],
