@@ -21,20 +21,20 @@ lint: $(READY)
 
 # Also under the GPU machines' triton 3.6.0 (.venv-triton36, made by the set-up): the
 # ahead-of-time compile of every kernel configuration and the interpreter suites. Then the
-# GPU run rehearsed in the GPU machines' twin (gpu-rehearsal; the real torchvision/timm
-# models included).
+# real torchvision/timm models on the newest torch (test-models), and the GPU run rehearsed
+# with the GPU machines' versions (gpu-rehearsal; the real models again, on torch 2.11).
 test: $(READY)
 	$(PY) tools/static_checks.py
 	$(PY) tools/check_cuda_compile.py
 	CS_KERNELS_REQUIRE_CPU=1 $(PY) -m pytest -q tests
+	$(MAKE) test-models
 	$(MAKE) gpu-rehearsal
 
-# The real torchvision/timm models (tests/test_real_models.py) alone, in an interpreter that
-# imports them: .venv where it does (GPU machines), else the GPU machines' twin .venv-gpu-twin
-# (created on first use: Python 3.12, torch 2.11.0+cu130, which runs on the CPU, triton 3.6.0,
-# torchvision 0.26.0, timm; about 4.8 GB).
+# The real torchvision/timm models (tests/test_real_models.py) in an interpreter that imports
+# them: .venv where it does (GPU machines), else .venv-models (created on first use: the newest
+# CUDA build of torch pip takes here, which runs on the CPU, with torchvision and timm; 5.6 GB).
 test-models: $(READY)
-	$(PYTHON) tools/models_env.py --main $(PY) --venv .venv-gpu-twin
+	$(PYTHON) tools/models_env.py --main $(PY) --env newest --venv .venv-models
 
 # `make gpu-check` rehearsed without a GPU (tools/gpu_rehearsal.py, about 6 minutes on 2
 # cores): in a copy of the tree, with the twin's python, the CUDA build for sm_90, the suite on
@@ -82,4 +82,4 @@ bench-load: $(READY)
 	$(PY) benchmarks/phase2_table.py --load 3 --save
 
 clean:
-	rm -rf $(VENV) .venv-triton36 .venv-gpu-twin build *.egg-info cs_kernels/*.so gpu-rehearsal-results
+	rm -rf $(VENV) .venv-triton36 .venv-models .venv-gpu-twin build *.egg-info cs_kernels/*.so gpu-rehearsal-results

@@ -39,6 +39,6 @@ def header() -> str:
     where = (
         "required here (CS_KERNELS_REQUIRE_MODELS=1): their tests fail"
         if REQUIRED
-        else "their tests are skipped here; `make test-models` runs them in .venv-gpu-twin"
+        else "their tests are skipped here; `make test-models` runs them in .venv-models"
     )
     return f"real models: {'; '.join(parts)}: {where}"

@@ -70,8 +70,8 @@ def test_outside_git_the_copy_leaves_out_environments_and_builds(tmp_path: Path)
 @pytest.fixture
 def offline(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
     runs: list[list[str]] = []
-    monkeypatch.setattr(gpu_rehearsal.models_env, "twin_ready", lambda venv: False)
-    monkeypatch.setattr(gpu_rehearsal.models_env, "create", lambda venv: False)
+    monkeypatch.setattr(gpu_rehearsal.models_env, "ready", lambda venv, spec: False)
+    monkeypatch.setattr(gpu_rehearsal.models_env, "create", lambda venv, spec: False)
     monkeypatch.setattr(gpu_rehearsal, "copy_tree", lambda root, dest: runs.append(["copy"]))
 
     def run(cmd, **kw):  # type: ignore[no-untyped-def]
@@ -90,7 +90,7 @@ def test_a_twin_that_cannot_be_made_fails_only_under_ci(offline, monkeypatch, ci
 
 
 def test_the_twins_python_rehearses_in_the_copy(offline, monkeypatch, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    monkeypatch.setattr(gpu_rehearsal.models_env, "twin_ready", lambda venv: True)
+    monkeypatch.setattr(gpu_rehearsal.models_env, "ready", lambda venv, spec: True)
     monkeypatch.setenv("CS_KERNELS_BACKEND", "torch")  # the caller's settings stay out
     seen: dict[str, object] = {}
 

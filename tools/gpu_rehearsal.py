@@ -4,7 +4,7 @@ A GPU session is short (about 15 minutes, start-up included), so what can fail b
 first kernel launch should fail here: the CUDA build against the GPU machines' torch, an API
 their torch 2.11 or Python 3.12 lacks, a stage's own plumbing. ``make gpu-rehearsal``:
 
-1. makes the twin, ``.venv-gpu-twin`` (`models_env.py`: Python 3.12, torch 2.11.0+cu130,
+1. makes the twin, ``.venv-gpu-twin`` (`models_env.TWIN`: Python 3.12, torch 2.11.0+cu130,
    triton 3.6.0, torchvision 0.26.0, timm; once, about 4.8 GB);
 2. copies the working tree (git's tracked and untracked, not ignored files) into
    ``build/gpu-rehearsal/tree``, so that the CUDA build and the benchmark files there leave
@@ -72,14 +72,15 @@ def copy_tree(root: Path, dest: Path) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--venv", default=models_env.TWIN_VENV, help="the twin's folder")
+    parser.add_argument("--venv", default=models_env.TWIN.venv, help="the twin's folder")
     parser.add_argument("--results", type=Path, default=ROOT / "gpu-rehearsal-results")
     args, passed = parser.parse_known_args(argv)
     strict = os.environ.get("CI", "").lower() == "true"
 
     venv_dir = (ROOT / args.venv).resolve()
-    if not models_env.twin_ready(venv_dir) and not models_env.create(venv_dir):
-        message = f"could not set up {venv_dir} with {' '.join(models_env.MODEL_PACKAGES)}"
+    twin = models_env.TWIN
+    if not models_env.ready(venv_dir, twin) and not models_env.create(venv_dir, twin):
+        message = f"could not set up {venv_dir} with {' '.join(twin.pins)}"
         if strict:
             log(f"error (CI=true): {message}")
             return 1
