@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Sequence
-from typing import NamedTuple, TypeVar
+from typing import NamedTuple, TypeVar, cast
 
 import torch
 import torch.utils._pytree as pytree
@@ -197,9 +197,16 @@ class Phase2Plan:
 
 
 # Under torch.compile a plan is a constant (guarded by equality): the backends' host-built index
-# tables are computed from it while tracing (`torch.compiler.assume_constant_result`), which
-# torch 2.11 allows only for arguments Dynamo can treat as constants.
+# tables are computed from it while tracing (`traced_as_constant`), which torch 2.11 allows only
+# for arguments Dynamo can treat as constants.
 pytree.register_constant(Phase2Plan)
+
+_F = TypeVar("_F", bound=Callable[..., object])
+traced_as_constant = cast(Callable[[_F], _F], torch.compiler.assume_constant_result)
+"""Decorator for a function of a plan (and other constants) that builds host-side tables:
+under torch.compile it runs once while tracing and its tensors enter the graph as constants,
+so a plan whose tables were never built eagerly compiles too (Dynamo does not trace the
+building, which may use Python that it cannot put in a graph)."""
 
 
 @functools.lru_cache(maxsize=256)

@@ -28,15 +28,14 @@ once per plan, task count and device, and cached on the plan.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from typing import NamedTuple, TypeVar, cast
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from cs_kernels._validation import accumulation_dtype
 from cs_kernels.backends.base import Backend
-from cs_kernels.plan import Phase2Plan
+from cs_kernels.plan import Phase2Plan, traced_as_constant
 
 # Chunk widths tried, widest first: a wide chunk makes each batched product larger (below
 # 400 multiply-adds per batch entry, width * T here, the CPU bmm takes a slow scalar loop).
@@ -179,18 +178,14 @@ def _build_chunk_tables(plan: Phase2Plan, tasks: int) -> ChunkTables:
     )  # fmt: skip
 
 
-_F = TypeVar("_F", bound=Callable[..., object])
 # Built on the host (with data-dependent sizes) on first use, then cached on the plan. Under
 # torch.compile they are evaluated while tracing and enter the graph as constants.
-_constant_result = cast(Callable[[_F], _F], torch.compiler.assume_constant_result)
-
-
-@_constant_result
+@traced_as_constant
 def _layer_tables(plan: Phase2Plan, device: torch.device) -> LayerTables:
     return plan.cached("torch.layers", device, lambda: _build_layer_tables(plan))
 
 
-@_constant_result
+@traced_as_constant
 def _chunk_tables(plan: Phase2Plan, tasks: int, device: torch.device) -> ChunkTables:
     return plan.cached(f"torch.chunks.{tasks}", device, lambda: _build_chunk_tables(plan, tasks))
 

@@ -24,7 +24,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from cs_kernels.plan import Phase2Plan
+from cs_kernels.plan import Phase2Plan, traced_as_constant
 
 ROWS, LONG_ROW, GAP = 0, 1, 2
 COLUMNS = 8
@@ -108,6 +108,7 @@ def weight_items(plan: Phase2Plan, tile: int, width: int) -> WeightItems:
     return WeightItems(_table(found), torch.tensor(counts, dtype=torch.int32))
 
 
+@traced_as_constant
 def cached_phase2_items(plan: Phase2Plan, device: torch.device, tile: int, width: int) -> Tensor:
     """`phase2_items`, built once per plan, device and configuration."""
     return plan.cached(
@@ -115,6 +116,7 @@ def cached_phase2_items(plan: Phase2Plan, device: torch.device, tile: int, width
     )
 
 
+@traced_as_constant
 def cached_weight_items(
     plan: Phase2Plan, device: torch.device, tile: int, width: int
 ) -> WeightItems:
