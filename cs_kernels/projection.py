@@ -38,10 +38,19 @@ Mode = Literal["group", "channel"]
 UniformRule = Literal["sum", "project"]
 
 
+def out_dtypes(grads_dtype: torch.dtype) -> tuple[torch.dtype, ...]:
+    """The dtypes ``out`` may have for ``grads`` of ``grads_dtype``: its own, and for
+    bf16/fp16 rows also float32 (the accumulation dtype, so the result is rounded never)."""
+    acc = accumulation_dtype(grads_dtype)
+    return (grads_dtype,) if acc == grads_dtype else (grads_dtype, acc)
+
+
 def _check_out(out: object, grads: Tensor, numel: int) -> Tensor:
     t = require_tensor(out, "out")
-    if t.dtype != grads.dtype:
-        raise TypeError(f"out must have the dtype of grads ({grads.dtype}), got {t.dtype}")
+    allowed = out_dtypes(grads.dtype)
+    if t.dtype not in allowed:
+        names = " or ".join(str(d) for d in allowed)
+        raise TypeError(f"out must be {names} for {grads.dtype} grads, got {t.dtype}")
     require_same_device(t, "out", grads, "grads")
     if t.dim() != 1 or t.shape[0] != numel:
         raise ValueError(f"out must have shape [{numel}], got {tuple(t.shape)}")
@@ -169,7 +178,9 @@ def phase2(
         mode: ``"group"`` (the paper) or ``"channel"`` (every channel its own group).
         uniform: ``"sum"`` plainly sums a layer whose channels share one top task (the
             authors' code); ``"project"`` projects it anyway (the paper's Algorithm 1).
-        out: optional ``[N]`` result buffer of ``grads.dtype`` (written in place).
+        out: optional ``[N]`` result buffer of ``grads.dtype``, or float32 for bf16/fp16
+            ``grads`` (half-size rows, full-precision result: every backend accumulates in
+            fp32 and rounds nothing); written in place.
         per_task: also return the projected per-task gradients ``[T, N]``.
         backend: ``"auto"`` or a name from `cs_kernels.available_backends`.
         check: validate values (top range, strength sign): syncs on accelerators.

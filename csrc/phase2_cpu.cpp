@@ -249,14 +249,16 @@ Schedule make_schedule(int64_t tasks, const int64_t* layers, int64_t num_layers,
 
 // The per-row operations. kT > 0: the task count is a compile-time constant (T <= 8), so the
 // per-task accumulators live in registers; kT == 0: any T, accumulators in per-thread scratch.
-template <typename scalar_t, int kT>
+// out_t: the dtype of `out`, scalar_t or (for bf16/fp16 rows) the fp32 accumulation type.
+template <typename scalar_t, typename out_t, int kT>
 class Phase2Cpu {
  public:
   using acc_t = typename Acc<scalar_t>::type;
-  // bf16/fp16 outputs are rounded; their pass 2 recomputes the sum from the gradients.
-  static constexpr bool kExactOut = std::is_same<scalar_t, acc_t>::value;
+  // bf16/fp16 outputs are rounded; their pass 2 recomputes the sum from the gradients. An fp32
+  // out of bf16/fp16 rows is exact: pass 2 corrects it in place, as for fp32 rows.
+  static constexpr bool kExactOut = std::is_same<out_t, acc_t>::value;
 
-  Phase2Cpu(const scalar_t* grads, int64_t tasks, int64_t numel, scalar_t* out, scalar_t* projected)
+  Phase2Cpu(const scalar_t* grads, int64_t tasks, int64_t numel, out_t* out, scalar_t* projected)
       : g_(grads), tasks_(kT > 0 ? kT : tasks), numel_(numel), out_(out), proj_(projected) {}
 
   int64_t tasks() const { return kT > 0 ? kT : tasks_; }
@@ -265,7 +267,7 @@ class Phase2Cpu {
   void plain_sum(int64_t off, int64_t len) const {
     const int64_t T = tasks();
     const scalar_t* base = g_ + off;
-    scalar_t* o = out_ + off;
+    out_t* o = out_ + off;
     int64_t e = 0;
     for (; e + kLanes <= len; e += kLanes) {
       acc_t s[kLanes] = {};
@@ -273,12 +275,12 @@ class Phase2Cpu {
         const scalar_t* gj = base + j * numel_ + e;
         for (int k = 0; k < kLanes; ++k) s[k] += static_cast<acc_t>(gj[k]);
       }
-      for (int k = 0; k < kLanes; ++k) o[e + k] = static_cast<scalar_t>(s[k]);
+      for (int k = 0; k < kLanes; ++k) o[e + k] = static_cast<out_t>(s[k]);
     }
     for (; e < len; ++e) {
       acc_t s = 0;
       for (int64_t j = 0; j < T; ++j) s += static_cast<acc_t>(base[j * numel_ + e]);
-      o[e] = static_cast<scalar_t>(s);
+      o[e] = static_cast<out_t>(s);
     }
     if (proj_ != nullptr) {
       for (int64_t j = 0; j < T; ++j) {
@@ -297,7 +299,7 @@ class Phase2Cpu {
     std::fill(dots, dots + T, acc_t(0));
     const scalar_t* base = g_ + off;
     const scalar_t* ref = base + top * numel_;
-    scalar_t* o = out_ + off;
+    out_t* o = out_ + off;
     int64_t e = 0;
     for (; e + kLanes <= len; e += kLanes) {
       acc_t r[kLanes];
@@ -312,7 +314,7 @@ class Phase2Cpu {
           lj[k] += r[k] * v;
         }
       }
-      for (int k = 0; k < kLanes; ++k) o[e + k] = static_cast<scalar_t>(s[k]);
+      for (int k = 0; k < kLanes; ++k) o[e + k] = static_cast<out_t>(s[k]);
     }
     for (; e < len; ++e) {  // the tail goes into dots first, the lanes are added after
       const acc_t r = static_cast<acc_t>(ref[e]);
@@ -322,7 +324,7 @@ class Phase2Cpu {
         s += v;
         dots[j] += r * v;
       }
-      o[e] = static_cast<scalar_t>(s);
+      o[e] = static_cast<out_t>(s);
     }
     for (int64_t j = 0; j < T; ++j) dots[j] = reduce_lanes(lanes + j * kLanes) + dots[j];
   }
@@ -349,14 +351,14 @@ class Phase2Cpu {
       }
     }
     if (shrink == acc_t(0)) return;
-    scalar_t* o = out_ + off;
+    out_t* o = out_ + off;
     if constexpr (kExactOut) {
-      for (int64_t e = 0; e < len; ++e) o[e] = o[e] - shrink * gt[e];
+      for (int64_t e = 0; e < len; ++e) o[e] = o[e] - shrink * static_cast<acc_t>(gt[e]);
     } else {
       for (int64_t e = 0; e < len; ++e) {
         acc_t s = 0;
         for (int64_t j = 0; j < T; ++j) s += static_cast<acc_t>(base[j * numel_ + e]);
-        o[e] = static_cast<scalar_t>(s - shrink * static_cast<acc_t>(gt[e]));
+        o[e] = static_cast<out_t>(s - shrink * static_cast<acc_t>(gt[e]));
       }
     }
   }
@@ -373,17 +375,17 @@ class Phase2Cpu {
   const scalar_t* g_;
   int64_t tasks_;
   int64_t numel_;
-  scalar_t* out_;
+  out_t* out_;
   scalar_t* proj_;
 };
 
 // One call: the schedule, the shared counters, and the worker every thread runs.
-template <typename scalar_t, int kT>
+template <typename scalar_t, typename out_t, int kT>
 class Phase2Run {
  public:
   using acc_t = typename Acc<scalar_t>::type;
 
-  Phase2Run(const Phase2Cpu<scalar_t, kT>& rows, const Schedule& schedule, const int64_t* top)
+  Phase2Run(const Phase2Cpu<scalar_t, out_t, kT>& rows, const Schedule& schedule, const int64_t* top)
       : rows_(rows),
         s_(schedule),
         top_(top),
@@ -556,7 +558,7 @@ class Phase2Run {
     }
   }
 
-  const Phase2Cpu<scalar_t, kT>& rows_;
+  const Phase2Cpu<scalar_t, out_t, kT>& rows_;
   const Schedule& s_;
   const int64_t* top_;
   const int64_t tasks_;
@@ -566,12 +568,12 @@ class Phase2Run {
   alignas(64) std::atomic<int64_t> next_item_{0};
 };
 
-template <typename scalar_t, int kT>
+template <typename scalar_t, typename out_t, int kT>
 void run_phase2(const at::Tensor& grads, const Schedule& schedule, const int64_t* top,
-                scalar_t* out, scalar_t* projected) {
-  const Phase2Cpu<scalar_t, kT> rows(grads.data_ptr<scalar_t>(), grads.size(0), grads.size(1), out,
-                                     projected);
-  Phase2Run<scalar_t, kT> run(rows, schedule, top);
+                out_t* out, scalar_t* projected) {
+  const Phase2Cpu<scalar_t, out_t, kT> rows(grads.data_ptr<scalar_t>(), grads.size(0),
+                                            grads.size(1), out, projected);
+  Phase2Run<scalar_t, out_t, kT> run(rows, schedule, top);
   run_workers(run.num_items(), [&run] { run.worker(); });
 }
 
@@ -582,7 +584,10 @@ void phase2_cpu(const at::Tensor& grads, const at::Tensor& layers, const at::Ten
                 const c10::optional<at::Tensor>& projected) {
   TORCH_CHECK(grads.dim() == 2 && grads.is_contiguous(), "grads must be contiguous [T, N]");
   TORCH_CHECK(out.is_contiguous() && out.numel() == grads.size(1), "out must be contiguous [N]");
-  TORCH_CHECK(out.scalar_type() == grads.scalar_type(), "out must have the dtype of grads");
+  const bool half_rows = grads.scalar_type() == at::kBFloat16 || grads.scalar_type() == at::kHalf;
+  const bool fp32_out = half_rows && out.scalar_type() == at::kFloat;
+  TORCH_CHECK(out.scalar_type() == grads.scalar_type() || fp32_out,
+              "out must have the dtype of grads (or float32 for bfloat16/float16 grads)");
   TORCH_CHECK(layers.scalar_type() == at::kLong && layers.dim() == 2 && layers.size(1) == 4,
               "layers must be int64 [L, 4]");
   TORCH_CHECK(gaps.scalar_type() == at::kLong && gaps.dim() == 2 && gaps.size(1) == 2,
@@ -621,21 +626,30 @@ void phase2_cpu(const at::Tensor& grads, const at::Tensor& layers, const at::Ten
                                           top_ptr, group_mode, project_uniform);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grads.scalar_type(), "phase2", [&] {
-    scalar_t* out_ptr = out.data_ptr<scalar_t>();
     scalar_t* proj_ptr = want_projected ? projected->data_ptr<scalar_t>() : nullptr;
-    const auto run = [&](auto fixed_tasks) {
-      run_phase2<scalar_t, decltype(fixed_tasks)::value>(grads, schedule, top_ptr, out_ptr,
-                                                         proj_ptr);
+    const auto with_out = [&](auto* out_ptr) {
+      using out_t = std::remove_pointer_t<decltype(out_ptr)>;
+      const auto run = [&](auto fixed_tasks) {
+        run_phase2<scalar_t, out_t, decltype(fixed_tasks)::value>(grads, schedule, top_ptr,
+                                                                  out_ptr, proj_ptr);
+      };
+      switch (tasks) {
+        case 1: run(std::integral_constant<int, 1>{}); break;
+        case 2: run(std::integral_constant<int, 2>{}); break;
+        case 3: run(std::integral_constant<int, 3>{}); break;
+        case 4: run(std::integral_constant<int, 4>{}); break;
+        case 5: run(std::integral_constant<int, 5>{}); break;
+        case 6: run(std::integral_constant<int, 6>{}); break;
+        case 8: run(std::integral_constant<int, 8>{}); break;
+        default: run(std::integral_constant<int, 0>{}); break;
+      }
     };
-    switch (tasks) {
-      case 1: run(std::integral_constant<int, 1>{}); break;
-      case 2: run(std::integral_constant<int, 2>{}); break;
-      case 3: run(std::integral_constant<int, 3>{}); break;
-      case 4: run(std::integral_constant<int, 4>{}); break;
-      case 5: run(std::integral_constant<int, 5>{}); break;
-      case 6: run(std::integral_constant<int, 6>{}); break;
-      case 8: run(std::integral_constant<int, 8>{}); break;
-      default: run(std::integral_constant<int, 0>{}); break;
+    if constexpr (std::is_same<scalar_t, float>::value || std::is_same<scalar_t, double>::value) {
+      with_out(out.data_ptr<scalar_t>());
+    } else if (fp32_out) {  // bf16/fp16 rows, fp32 [N] result
+      with_out(out.data_ptr<float>());
+    } else {
+      with_out(out.data_ptr<scalar_t>());
     }
   });
 }

@@ -46,6 +46,17 @@ class CompiledOpsBackend(Backend):
         out: Tensor,
         projected: Tensor | None,
     ) -> None:
+        if out.dtype != grads.dtype and grads.device.type != "cpu":
+            # bf16/fp16 rows into an fp32 result: the CPU kernels read the rows as they are;
+            # the CUDA kernels take one dtype, so they run on an fp32 copy of the rows (a
+            # transient [T, N] fp32 buffer: the triton backend, first on CUDA, needs none).
+            grads = grads.to(out.dtype)
+            if projected is not None:
+                full = torch.empty_like(grads)
+                self.phase2(grads, plan, top, group=group, project_uniform=project_uniform,
+                            out=out, projected=full)  # fmt: skip
+                projected.copy_(full)
+                return
         torch.ops.cs_kernels.phase2_(
             grads,
             plan.layer_table(grads.device),
