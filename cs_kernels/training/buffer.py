@@ -12,6 +12,12 @@ all-reduce: ``[T * N | extra gradients | packed model buffers]``.
 
 Parameters sharded by FSDP2 (DTensors) take their local shard's place: ``N`` counts local
 elements and each ``.grad`` is a DTensor wrapping its segment of the row.
+
+Half-size rows (``dtype=torch.bfloat16`` or ``torch.float16`` for fp32 parameters): autograd
+only accumulates into a ``.grad`` of the parameter's dtype, so a row cannot be viewed as
+``.grad``. Each task's backward then lands in the fp32 ``[N]`` ``out`` (free until Phase 2
+writes it) and is rounded into its row once (`end_row`): ``T * N`` half-size elements plus
+one fp32 ``[N]`` instead of ``T * N`` fp32 ones, for one extra pass over ``N`` per task.
 """
 
 from __future__ import annotations
@@ -34,10 +40,14 @@ class GradientBuffer:
         extra: parameters whose ``.grad`` also lives in the storage, after the rows, summed
             over tasks (task-specific parameters, for the distributed all-reduce).
         sync_numel: room for packed model buffers at the end of the storage.
+        dtype: the rows' dtype (default: the parameters'); bf16/fp16 for fp32 parameters
+            gives half-size rows (single process only: no ``extra``, no ``sync_numel``).
 
     Attributes:
         grads: ``[T, N]`` rows of per-task gradients (a view of ``storage``).
-        out: ``[N]`` combined gradient (separate memory: Phase 2 may not write its input).
+        out: ``[N]`` combined gradient, of the parameters' dtype (separate memory: Phase 2
+            may not write its input); with half-size rows also each task's staging area.
+        reduced: whether the rows are narrower than the parameters.
         tail: ``[M]`` gradients of ``extra``; sync: ``[sync_numel]``.
         offsets: each parameter's first element in a row.
     """
@@ -49,6 +59,7 @@ class GradientBuffer:
         *,
         extra: Sequence[nn.Parameter] = (),
         sync_numel: int = 0,
+        dtype: torch.dtype | None = None,
     ) -> None:
         if not params:
             raise ValueError("params must hold at least one shared parameter")
@@ -70,17 +81,25 @@ class GradientBuffer:
         self.offsets: tuple[int, ...] = tuple(offsets)
         self.numel = n
         extra_numel = sum(p.numel() for p in self.extra)
-        dtype, device = first.dtype, first.device
+        device = first.device
+        row_dtype = first.dtype if dtype is None else dtype
+        self.reduced = row_dtype != first.dtype
+        if self.reduced and (extra_numel or sync_numel):
+            raise ValueError("half-size rows hold no extra gradients or packed buffers")
         self.storage = torch.zeros(
-            num_tasks * n + extra_numel + sync_numel, dtype=dtype, device=device
+            num_tasks * n + extra_numel + sync_numel, dtype=row_dtype, device=device
         )
         self.grads = self.storage[: num_tasks * n].view(num_tasks, n)
         self.tail = self.storage[num_tasks * n : num_tasks * n + extra_numel]
         self.sync = self.storage[num_tasks * n + extra_numel :]
-        self.out = torch.zeros(n, dtype=dtype, device=device)
+        self.out = torch.zeros(n, dtype=first.dtype, device=device)
         # Views are built once: attaching a row is then only attribute assignments.
-        self._rows = [self._views(self.grads[t]) for t in range(num_tasks)]
         self._out_views = self._views(self.out)
+        self._rows = (
+            [self._out_views] * num_tasks
+            if self.reduced
+            else [self._views(self.grads[t]) for t in range(num_tasks)]
+        )
         self._extra_views = _split(self.tail, self.extra)
 
     def _views(self, row: Tensor) -> list[Tensor]:
@@ -101,10 +120,26 @@ class GradientBuffer:
         self.storage.zero_()
 
     def attach_row(self, task: int, only: Collection[int] | None = None) -> None:
-        """Point each parameter's ``.grad`` at row ``task`` (those in ``only`` ids, if given)."""
+        """Point each parameter's ``.grad`` at row ``task`` (those in ``only`` ids, if given).
+
+        With half-size rows: at the zeroed fp32 staging area instead (see `end_row`)."""
+        if self.reduced:
+            self.out.zero_()
         for p, view in zip(self.params, self._rows[task], strict=True):
             if only is None or id(p) in only:
                 p.grad = view
+
+    def end_row(self, task: int, *, add: bool) -> None:
+        """After task ``task``'s backward: with half-size rows, round the staged fp32
+        gradient into its row (``add``: add it to what the row holds, in fp32, rounded once).
+        Full-size rows already hold it: nothing to do."""
+        if not self.reduced:
+            return
+        row = self.grads[task]
+        if add:
+            row.add_(self.out)
+        else:
+            row.copy_(self.out)
 
     def attach_out(self) -> None:
         """Point each parameter's ``.grad`` at its segment of ``out``."""
