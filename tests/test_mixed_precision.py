@@ -18,7 +18,7 @@ from cs_kernels.training import ConnectionStrength
 from tests.amp_models import TASKS, loss_fn_for, make_batch, make_model, same, snapshot
 from tests.conftest import FAST_BACKENDS
 
-PHASE2 = (99, 100)  # (epoch, num_epochs): the draw gives Phase 2 (checked by each test)
+PHASE2 = (10**6 - 1, 10**6)  # (epoch, num_epochs): the draw gives Phase 2 (checked by each test)
 BACKENDS = ["reference", *FAST_BACKENDS]
 
 
