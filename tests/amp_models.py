@@ -13,14 +13,19 @@ TASKS = ["seg", "depth", "normal"]
 
 
 class AmpNet(nn.Module):
-    """Two shared convs, each read by per-task BatchNorms, and per-task heads."""
+    """Two shared convs, each read by per-task BatchNorms (or GroupNorms: no running
+    statistics, for bf16 parameters), and per-task heads."""
 
-    def __init__(self, tasks: list[str] = TASKS) -> None:
+    def __init__(self, tasks: list[str] = TASKS, norm: str = "batch") -> None:
         super().__init__()
+
+        def norm_of(c: int) -> nn.Module:
+            return nn.BatchNorm2d(c) if norm == "batch" else nn.GroupNorm(2, c)
+
         self.conv1 = nn.Conv2d(3, 6, 3, padding=1)
-        self.bn1 = nn.ModuleDict({t: nn.BatchNorm2d(6) for t in tasks})
+        self.bn1 = nn.ModuleDict({t: norm_of(6) for t in tasks})
         self.conv2 = nn.Conv2d(6, 8, 3, padding=1, bias=False)
-        self.bn2 = nn.ModuleDict({t: nn.BatchNorm2d(8) for t in tasks})
+        self.bn2 = nn.ModuleDict({t: norm_of(8) for t in tasks})
         self.heads = nn.ModuleDict({t: nn.Linear(8, 3) for t in tasks})
 
     def forward(self, x: Tensor, task: str) -> Tensor:
@@ -29,15 +34,19 @@ class AmpNet(nn.Module):
         return self.heads[task](h.mean(dim=(2, 3)))
 
 
-def make_model(dtype: torch.dtype = torch.float32, *, eval_mode: bool = True) -> AmpNet:
+def make_model(
+    dtype: torch.dtype = torch.float32, *, eval_mode: bool = True, norm: str = "batch"
+) -> AmpNet:
     """Seeded weights; spread BatchNorm scales and running statistics (so strengths differ
     between tasks and channels); eval mode by default (a batch's gradient is then the mean
     of its parts' gradients)."""
     torch.manual_seed(0)
-    model = AmpNet()
+    model = AmpNet(norm=norm)
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for m in model.modules():
+            if isinstance(m, nn.GroupNorm):
+                m.weight.copy_(torch.rand(m.weight.shape, generator=gen) * 2 + 0.1)
             if isinstance(m, nn.BatchNorm2d):
                 m.weight.copy_(torch.rand(m.weight.shape, generator=gen) * 2 + 0.1)
                 m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen) + 0.5)
