@@ -7,11 +7,15 @@ seconds. The cs_kernels part is the block marked INTEGRATION below.
 
     python python/train_multitask.py                  # 6 epochs, priority plot to PNG
     python python/train_multitask.py --quick          # a few steps, for a smoke test
+    python python/train_multitask.py --amp fp16 --accumulate 2 --clip 1.0
+                                 # fp16 autocast + GradScaler, 2 micro-batches, clipping
+    python python/train_multitask.py --amp bf16 --buffer-dtype bf16   # bf16, half-size rows
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -60,6 +64,16 @@ def synthetic_batch(gen: torch.Generator, n: int) -> tuple[Tensor, dict[str, Ten
     }
 
 
+def autocast_problem(dtype: torch.dtype) -> str | None:
+    """None when CPU autocast runs matrix products in ``dtype`` here, else why not."""
+    try:
+        with torch.autocast("cpu", dtype=dtype):
+            result = torch.ones(2, 2) @ torch.ones(2, 2)
+    except (RuntimeError, ValueError) as exc:
+        return str(exc)
+    return None if result.dtype == dtype else f"CPU autocast gave {result.dtype}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--epochs", type=int, default=6)
@@ -69,9 +83,21 @@ def main() -> None:
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--plot", default="priority.png", help="telemetry PNG ('' for none)")
     parser.add_argument("--quick", action="store_true", help="2 epochs of 3 steps")
+    parser.add_argument("--amp", choices=["fp16", "bf16"], help="CPU autocast (fp16: + scaler)")
+    parser.add_argument("--accumulate", type=int, default=1, help="micro-batches per step")
+    parser.add_argument("--clip", type=float, help="max gradient norm")
+    parser.add_argument("--buffer-dtype", choices=["bf16", "fp16"], help="half-size [T, N] rows")
     args = parser.parse_args()
     if args.quick:
         args.epochs, args.steps = 2, 3
+    if args.accumulate < 1 or args.batch % args.accumulate:
+        parser.error(f"--accumulate must be >= 1 and divide --batch {args.batch}")
+    if args.clip is not None and not args.clip > 0:
+        parser.error("--clip must be > 0")
+    dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16, None: None}
+    amp_dtype = dtypes[args.amp]
+    if amp_dtype is not None and (problem := autocast_problem(amp_dtype)) is not None:
+        parser.error(f"--amp {args.amp}: this CPU/torch cannot autocast to it ({problem})")
 
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
@@ -83,18 +109,25 @@ def main() -> None:
     from cs_kernels.training import ConnectionStrength
 
     cs = ConnectionStrength(
-        model, TASKS, synthetic_batch(gen, 8)[0], mode=args.mode, backend=args.backend
-    )
+        model, TASKS, synthetic_batch(gen, 8)[0], mode=args.mode, backend=args.backend,
+        buffer_dtype=dtypes[args.buffer_dtype],
+    )  # fmt: skip
+    scaler = torch.amp.GradScaler("cpu") if args.amp == "fp16" else None
+    k = args.accumulate
     print(cs.summary())
     for epoch in range(args.epochs):
         totals = {t: torch.zeros(()) for t in TASKS}
         for _ in range(args.steps):
             x, y = synthetic_batch(gen, args.batch)
 
-            def loss_fn(task: str, x: Tensor = x, y: dict[str, Tensor] = y) -> Tensor:
-                return F.cross_entropy(model(x, task=task), y[task])
+            def loss_fn(task: str, micro: int = 0, x: Tensor = x, y: dict[str, Tensor] = y) -> Tensor:
+                part = slice(micro * args.batch // k, (micro + 1) * args.batch // k)
+                amp = torch.autocast("cpu", dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+                with amp:  # the mean over the micro-batch; the controller divides by k
+                    return F.cross_entropy(model(x[part], task=task).float(), y[task][part])
 
-            losses = cs.step(optimizer, loss_fn, epoch, args.epochs)
+            losses = cs.step(optimizer, loss_fn, epoch, args.epochs, scaler=scaler,
+                             max_grad_norm=args.clip, accumulate=k)  # fmt: skip
             for t in TASKS:
                 totals[t] += losses[t]
         report = "  ".join(f"{t} {float(totals[t]) / args.steps:.3f}" for t in TASKS)

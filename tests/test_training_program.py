@@ -36,3 +36,21 @@ def test_program_quick_mode_runs(tmp_path: Path) -> None:
     assert "3 connection layer(s)" in out and "blocks.0.conv.weight" in out
     assert "epoch 1: phase1" in out and "test accuracy" in out
     assert plot.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_program_mixed_precision_flags_run() -> None:
+    """--amp fp16 (autocast + GradScaler) with --accumulate and --clip, and bf16 autocast with
+    half-size rows; a bad --accumulate is a clear usage error."""
+    for flags in (["--amp", "fp16", "--accumulate", "2", "--clip", "1.0"],
+                  ["--amp", "bf16", "--buffer-dtype", "bf16"]):  # fmt: skip
+        result = subprocess.run(
+            [sys.executable, str(PROGRAM), "--epochs", "2", "--steps", "2", "--plot", "", *flags],
+            cwd=ROOT, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        assert "epoch 1: phase1" in result.stdout and "test accuracy" in result.stdout
+    bad = subprocess.run(
+        [sys.executable, str(PROGRAM), "--quick", "--accumulate", "3"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert bad.returncode == 2 and "--accumulate must be >= 1 and divide --batch" in bad.stderr
