@@ -10,7 +10,10 @@
 - fp32 training with ``accumulate=2`` and ``max_grad_norm`` (DTensor gradients) over mixed
   phases equals one process without accumulation (fp32 tolerances), and so does the same
   run with ``CPUOffloadPolicy(pin_memory=False)`` (pinned memory needs an accelerator).
-- A GradScaler and half-size rows are refused on every rank with errors that name them.
+- fp16-style loss scaling with ``ShardedGradScaler`` (it all-reduces the inf/NaN check):
+  training equals one process with a plain GradScaler (power-of-two scale: exact), and an
+  inf on one rank only skips the step on both. A plain GradScaler (each rank would check
+  its own shards) and half-size rows are refused on every rank with errors naming them.
 """
 
 from __future__ import annotations
@@ -55,7 +58,9 @@ def part(rank: int, world: int) -> slice:
     return slice(rank * share, (rank + 1) * share)
 
 
-def train(model: nn.Module, rank: int, world: int, k: int) -> tuple[ConnectionStrength, dict]:
+def train(
+    model: nn.Module, rank: int, world: int, k: int, scaler: torch.amp.GradScaler | None = None
+) -> tuple[ConnectionStrength, dict]:
     data = [make_batch(n=BATCH, seed=20 + b) for b in range(BATCHES)]
     rows = part(rank, world)
     cs = ConnectionStrength(model, TASKS, data[0][0][rows], seed=4)
@@ -64,7 +69,7 @@ def train(model: nn.Module, rank: int, world: int, k: int) -> tuple[ConnectionSt
         for x, y in data:
             xs, ys = x[rows], {t: v[rows] for t, v in y.items()}
             fn = micro_loss_fn(model, xs, ys, k) if k > 1 else loss_fn_for(model, xs, ys)
-            cs.step(opt, fn, epoch, EPOCHS, max_grad_norm=MAX_NORM, accumulate=k)
+            cs.step(opt, fn, epoch, EPOCHS, max_grad_norm=MAX_NORM, accumulate=k, scaler=scaler)
     params = {n: full(p.detach()).clone() for n, p in model.named_parameters()}
     return cs, params
 
@@ -103,6 +108,28 @@ def refusals(rank: int, world: int) -> dict[str, str]:
     return out
 
 
+def sharded_scaler(rank: int, world: int) -> dict[str, object]:
+    from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+    scaler = ShardedGradScaler("cpu", init_scale=2.0**10, growth_interval=2)
+    cs, params = train(shard(make_model()), rank, world, 1, scaler=scaler)
+    result: dict[str, object] = {"params": params, "scale": scaler.get_scale()}
+    model = cs.model
+    x, y = make_batch(n=BATCH // world, seed=7)
+    clean = loss_fn_for(model, x, y)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = {n: full(p.detach()).clone() for n, p in model.named_parameters()}
+
+    def poisoned(task: str) -> Tensor:
+        loss = clean(task)
+        return loss * float("inf") if rank == 1 and task == "depth" else loss
+
+    cs.step(opt, poisoned, 10**6 - 1, 10**6, scaler=scaler)  # Phase 2
+    after = {n: full(p.detach()).clone() for n, p in model.named_parameters()}
+    result["skipped"] = (cs.last_skipped, all(torch.equal(before[n], after[n]) for n in after))
+    return result
+
+
 def worker(rank: int, world: int, init: str, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
@@ -118,6 +145,7 @@ def worker(rank: int, world: int, init: str, out: str) -> None:
         cs, params = train(offload, rank, world, K)
         results["offload"] = {"params": params, "phases": (cs.phase1_steps, cs.phase2_steps)}
         results["refusals"] = refusals(rank, world)
+        results["sharded_scaler"] = sharded_scaler(rank, world)
         torch.save(results, os.path.join(out, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -178,4 +206,19 @@ def test_scaler_and_half_rows_are_refused(ranks: list[dict]) -> None:
             got["refusals"]["buffer_dtype"]
         )
         assert "FSDP2 (fully_shard)" in got["refusals"]["buffer_dtype"]
-        assert got["refusals"]["scaler"].startswith("scaler: a GradScaler under FSDP2")
+        assert got["refusals"]["scaler"].startswith("scaler: a plain GradScaler under FSDP2")
+        assert "ShardedGradScaler" in got["refusals"]["scaler"]
+
+
+def test_sharded_grad_scaler_equals_one_process_and_skips_together(ranks: list[dict]) -> None:
+    single = make_model()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=2)
+    _, params = train(single, 0, 1, 1, scaler=scaler)
+    for rank, got in enumerate(ranks):
+        result = got["sharded_scaler"]
+        assert result["scale"] == scaler.get_scale() > 2.0**10, rank  # it grew, no skips
+        for name, value in params.items():
+            torch.testing.assert_close(
+                result["params"][name], value, rtol=1e-5, atol=1e-6, msg=f"rank {rank} {name}"
+            )
+        assert result["skipped"] == (tuple(TASKS), True), rank

@@ -673,11 +673,16 @@ class ConnectionStrength:
     # ---------------------------------------------------------------- helpers
 
     def _check_scaler_supported(self, scaler: torch.amp.GradScaler | None) -> None:
-        if scaler is not None and scaler.is_enabled() and self._sharded is not None:
+        if scaler is None or not scaler.is_enabled() or self._sharded is None:
+            return
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+        if not isinstance(scaler, ShardedGradScaler):
             raise ValueError(
-                "scaler: a GradScaler under FSDP2 would check each rank's shards for inf/NaN "
-                "alone (ranks could disagree on skipping a step); use bf16 "
-                "(MixedPrecisionPolicy(param_dtype=torch.bfloat16), no scaler) with FSDP2"
+                "scaler: a plain GradScaler under FSDP2 checks each rank's shards for inf/NaN "
+                "alone (ranks could disagree on skipping a step); use torch.distributed.fsdp."
+                "sharded_grad_scaler.ShardedGradScaler (it all-reduces the check), or bf16 "
+                "without a scaler (MixedPrecisionPolicy(param_dtype=torch.bfloat16))"
             )
 
     def _optimizer_step(
