@@ -11,7 +11,8 @@ torch.float16)``. Printed:
   (Linux ``VmRSS``) of building the controller and running one Phase 2 step, as measured;
 * time, on the controller's own plan with random rows and tops: Phase 2 (``--backend``,
   group and channel mode) writing the fp32 ``[N]`` result, as a ratio to the floor over the
-  same rows, ``torch.sum(rows, 0, dtype=torch.float32, out=out)``, timed in interleaved
+  same rows, ``torch.sum(rows, 0)`` (docs/algorithm.md; for bf16 rows it writes a bf16 ``[N]``,
+  half our output's bytes), beside ``torch.sum(rows, 0, dtype=torch.float32)``, timed in interleaved
   rounds (each round times the floor and every case once, so all see the same moments of a
   busy machine): median and interquartile range of the per-round ratios, and raw times.
 
@@ -138,8 +139,10 @@ def main() -> None:
     for rows in ("bf16", "fp32"):
         dtype = ROWS[rows] or torch.float32
         grads = torch.randn(args.tasks, plan.numel, generator=gen).to(dtype).to(device)
+        same = torch.empty(plan.numel, dtype=dtype, device=device)
         cases: dict[str, Callable[[], object]] = {
-            "floor": lambda g=grads: torch.sum(g, 0, dtype=torch.float32, out=out),
+            "floor": lambda g=grads: torch.sum(g, 0, out=same),  # docs/algorithm.md's floor
+            "sum to fp32": lambda g=grads: torch.sum(g, 0, dtype=torch.float32, out=out),
         }
         for mode in ("channel", "group"):
             cases[mode] = lambda g=grads, m=mode: ck.phase2(
@@ -148,13 +151,19 @@ def main() -> None:
         times = time_rounds(cases, device, args.repeats)
         floor = times["floor"]
         lo, med, hi = quartiles(floor)
-        print(f"  {rows} rows, floor: {med:8.2f} ms [{lo:.2f}, {hi:.2f}]")
-        for mode in ("channel", "group"):
+        row_bytes = args.tasks * plan.numel * grads.element_size()
+
+        def gb_s(ms: float, out_size: int = 4) -> str:  # traffic: read the rows, write [N]
+            return f"{(row_bytes + plan.numel * out_size) / ms / 1e6:5.1f} GB/s"
+
+        print(f"  {rows} rows, floor grads.sum(0): {med:8.2f} ms [{lo:.2f}, {hi:.2f}]  "
+              f"{gb_s(med, grads.element_size())}")  # fmt: skip
+        for mode in ("sum to fp32", "channel", "group"):
             ratios = [t / f for t, f in zip(times[mode], floor, strict=True)]
             rlo, rmed, rhi = quartiles(ratios)
             tlo, tmed, thi = quartiles(times[mode])
-            print(f"  {rows} rows, {mode:>7}: {tmed:8.2f} ms [{tlo:.2f}, {thi:.2f}]  "
-                  f"x{rmed:.2f} the floor [{rlo:.2f}, {rhi:.2f}]")  # fmt: skip
+            print(f"  {rows} rows, {mode:>16}: {tmed:8.2f} ms [{tlo:.2f}, {thi:.2f}]  "
+                  f"x{rmed:.2f} the floor [{rlo:.2f}, {rhi:.2f}]  {gb_s(tmed)}")  # fmt: skip
         del grads
 
 
