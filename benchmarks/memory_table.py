@@ -38,10 +38,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import cs_kernels as ck  # noqa: E402
-from benchmarks.fsdp_phase2 import build  # noqa: E402
-from cs_kernels._device import device_name  # noqa: E402
-from cs_kernels.training import ConnectionStrength  # noqa: E402
+import cs_kernels as ck
+from benchmarks.fsdp_phase2 import build
+from cs_kernels._device import device_name
+from cs_kernels.training import ConnectionStrength
 
 ROWS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -141,7 +141,7 @@ def main() -> None:
         grads = torch.randn(args.tasks, plan.numel, generator=gen).to(dtype).to(device)
         same = torch.empty(plan.numel, dtype=dtype, device=device)
         cases: dict[str, Callable[[], object]] = {
-            "floor": lambda g=grads: torch.sum(g, 0, out=same),  # docs/algorithm.md's floor
+            "floor": lambda g=grads, o=same: torch.sum(g, 0, out=o),  # docs/algorithm.md's floor
             "sum to fp32": lambda g=grads: torch.sum(g, 0, dtype=torch.float32, out=out),
         }
         for mode in ("channel", "group"):
@@ -153,7 +153,9 @@ def main() -> None:
         lo, med, hi = quartiles(floor)
         row_bytes = args.tasks * plan.numel * grads.element_size()
 
-        def gb_s(ms: float, out_size: int = 4) -> str:  # traffic: read the rows, write [N]
+        def gb_s(
+            ms: float, out_size: int = 4, row_bytes: int = row_bytes
+        ) -> str:  # traffic: read the rows, write [N]
             return f"{(row_bytes + plan.numel * out_size) / ms / 1e6:5.1f} GB/s"
 
         print(f"  {rows} rows, floor grads.sum(0): {med:8.2f} ms [{lo:.2f}, {hi:.2f}]  "

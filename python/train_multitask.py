@@ -114,16 +114,20 @@ def main() -> None:
     )  # fmt: skip
     scaler = torch.amp.GradScaler("cpu") if args.amp == "fp16" else None
     k = args.accumulate
+    autocast = (
+        (lambda: torch.autocast("cpu", dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
+    )
     print(cs.summary())
     for epoch in range(args.epochs):
         totals = {t: torch.zeros(()) for t in TASKS}
         for _ in range(args.steps):
             x, y = synthetic_batch(gen, args.batch)
 
-            def loss_fn(task: str, micro: int = 0, x: Tensor = x, y: dict[str, Tensor] = y) -> Tensor:
+            def loss_fn(
+                task: str, micro: int = 0, x: Tensor = x, y: dict[str, Tensor] = y
+            ) -> Tensor:
                 part = slice(micro * args.batch // k, (micro + 1) * args.batch // k)
-                amp = torch.autocast("cpu", dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
-                with amp:  # the mean over the micro-batch; the controller divides by k
+                with autocast():  # the mean over the micro-batch; the controller divides by k
                     return F.cross_entropy(model(x[part], task=task).float(), y[task][part])
 
             losses = cs.step(optimizer, loss_fn, epoch, args.epochs, scaler=scaler,

@@ -65,10 +65,15 @@ def test_half_rows_with_weights_and_per_task(backend: str, device) -> None:
     plan = ck.Phase2Plan([(0, 3, 8), (30, 4, 5)], 60)
     gen = torch.Generator().manual_seed(4)
     grads = torch.randn(3, 60, generator=gen).to(torch.bfloat16).to(device)
-    weights = [torch.randn(3, 8, generator=gen).to(device), torch.randn(4, 5, generator=gen).to(device)]
+    weights = [
+        torch.randn(3, 8, generator=gen).to(device),
+        torch.randn(4, 5, generator=gen).to(device),
+    ]
     scales = torch.rand(3, 7, generator=gen).to(device)
-    ref, ref_tasks = ck.phase2_from_weights(grads.double(), plan, [w.double() for w in weights],
-                                            scales.double(), per_task=True, backend="reference")  # fmt: skip
+    wide = [w.double() for w in weights]
+    ref, ref_tasks = ck.phase2_from_weights(
+        grads.double(), plan, wide, scales.double(), per_task=True, backend="reference"
+    )
     out = torch.empty(60, device=device)
     result, per_task = ck.phase2_from_weights(grads, plan, weights, scales, out=out,
                                               per_task=True, backend=backend)  # fmt: skip
@@ -81,8 +86,8 @@ def test_out_dtype_is_checked(device) -> None:
     plan = one_layer(2, 3)
     top = torch.zeros(2, dtype=torch.int64, device=device)
     half = torch.zeros(2, 6, dtype=torch.bfloat16, device=device)
-    with pytest.raises(TypeError, match="out must be torch.bfloat16 or torch.float32"):
+    with pytest.raises(TypeError, match=r"out must be torch\.bfloat16 or torch\.float32"):
         ck.phase2(half, plan, top=top, out=torch.zeros(6, dtype=torch.float64, device=device))
-    with pytest.raises(TypeError, match="out must be torch.float32 for torch.float32 grads"):
+    with pytest.raises(TypeError, match=r"out must be torch\.float32 for torch\.float32 grads"):
         ck.phase2(half.float(), plan, top=top,
                   out=torch.zeros(6, dtype=torch.bfloat16, device=device))  # fmt: skip

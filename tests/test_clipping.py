@@ -16,7 +16,9 @@ MAX_NORM = 0.05  # well below the gradients' norm: clipping acts
 
 
 def _norm(model: torch.nn.Module) -> float:
-    return float(torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None]).norm())
+    return float(
+        torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None]).norm()
+    )
 
 
 def test_phase2_clips_the_combined_gradient() -> None:

@@ -202,8 +202,9 @@ def test_accumulation_and_clipping_equal_one_process(ranks: list[dict], run: str
 
 def test_scaler_and_half_rows_are_refused(ranks: list[dict]) -> None:
     for got in ranks:
-        assert "buffer_dtype=torch.bfloat16 (half-size rows) is for a single process" in (
-            got["refusals"]["buffer_dtype"]
+        assert (
+            "buffer_dtype=torch.bfloat16 (half-size rows) is for a single process"
+            in (got["refusals"]["buffer_dtype"])
         )
         assert "FSDP2 (fully_shard)" in got["refusals"]["buffer_dtype"]
         assert got["refusals"]["scaler"].startswith("scaler: a plain GradScaler under FSDP2")

@@ -295,7 +295,7 @@ def test_bad_buffer_dtype(buffer_dtype: object, error: type, message: str) -> No
 def test_half_rows_need_an_fp32_model() -> None:
     model = make_model(torch.float64)
     x, _ = make_batch(dtype=torch.float64)
-    with pytest.raises(ValueError, match="does not fit torch.float64 parameters"):
+    with pytest.raises(ValueError, match=r"does not fit torch\.float64 parameters"):
         _controller(model, x, buffer_dtype=torch.bfloat16)
     # The parameters' own dtype is always accepted.
     assert _controller(model, x, buffer_dtype=torch.float64).buffer.grads.dtype == torch.float64
