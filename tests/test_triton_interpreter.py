@@ -2,7 +2,7 @@
 
 ``TRITON_INTERPRET=1`` must be set before triton is imported, so the suites run in child
 pytests: `test_triton.py` whole, and the triton cases of the foundation's parity, property,
-bad-input, strength, from-weights and compile suites (they include triton by themselves
+bad-input, strength, from-weights, compile and half-size-rows suites (they include triton by themselves
 wherever it runs). Two children run side by side, one per toolchain:
 
 * this environment's triton (the newest, in ``.venv``);
@@ -41,6 +41,7 @@ SUITES = [
     "tests/test_strength.py",
     "tests/test_from_weights.py",
     "tests/test_compile.py",
+    "tests/test_buffer_dtype.py",
 ]
 MIN_PASSED = 150  # the child must really run the suites, not skip them
 CI = os.environ.get("CI", "").lower() == "true"
