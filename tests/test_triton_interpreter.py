@@ -2,8 +2,8 @@
 
 ``TRITON_INTERPRET=1`` must be set before triton is imported, so the suites run in child
 pytests: `test_triton.py` whole, and the triton cases of the foundation's parity, property,
-bad-input, strength, from-weights, compile and half-size-rows suites (they include triton by themselves
-wherever it runs). Two children run side by side, one per toolchain:
+bad-input, strength, from-weights, compile and half-size-rows suites (they include triton by
+themselves wherever it runs). Two children run side by side, one per toolchain:
 
 * this environment's triton (the newest, in ``.venv``);
 * the GPU machines' triton 3.6.0, in the environment `make setup` makes for it
