@@ -13,6 +13,7 @@ Public API (autograd-free):
     task_norms, task_scope, TaskNorm                                    -- bring your own model
 """
 
+from cs_kernels._version import __version__
 from cs_kernels.backends import (
     BackendUnavailableError,
     available_backends,
@@ -71,4 +72,3 @@ __all__ = [
     "task_scope",
     "top_priority",
 ]
-__version__ = "0.1.0"
