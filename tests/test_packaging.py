@@ -23,13 +23,12 @@ import pytest
 import cs_kernels
 
 ROOT = Path(__file__).resolve().parent.parent
-STRICT = os.environ.get("CI", "").lower() == "true"
 
 
 def _need(module: str) -> None:
+    """Skip where a tool is missing (the GPU image); `make test` installs it, strictly
+    under CI=true (tools/bootstrap.py)."""
     if importlib.util.find_spec(module) is None:
-        if STRICT:
-            pytest.fail(f"CI=true: {module} is not installed (requirements-dev.txt lists it)")
         pytest.skip(f"{module} not installed (requirements-dev.txt lists it)")
 
 
