@@ -1,5 +1,6 @@
-"""The documentation: the ``python`` examples of docs/*.md run as written (``py`` blocks are
-shown, not run: they need libraries that are not installed everywhere, such as torchvision);
+"""The documentation: the ``python`` examples of every page under docs/ run as written
+(``py`` blocks are shown, not run: they need libraries that are not installed everywhere,
+such as torchvision);
 every page is in the site's navigation; the API reference names every public name; the
 benchmark plots are drawn from the committed JSON; no internal issue numbers.
 
@@ -21,7 +22,7 @@ DOCS = ROOT / "docs"
 PAGES = sorted(DOCS.rglob("*.md"))
 BLOCKS = [
     (page.relative_to(DOCS).as_posix(), i, code)
-    for page in sorted(DOCS.glob("*.md"))
+    for page in PAGES
     for i, code in enumerate(re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S))
 ]
 # Pages whose examples need an optional package (left out where it is not installed).

@@ -76,7 +76,13 @@ def test_sdist_holds_the_sources_and_the_metadata(sdist: Path) -> None:
     assert "License-Expression: MIT" in metadata
     for extra in ("triton", "train"):
         assert f"Provides-Extra: {extra}" in metadata
-    assert 'Requires-Dist: torchjd>=0.18; extra == "train"' in metadata
+    for needed in (
+        "tqdm",
+        "matplotlib",
+        "scikit-learn",
+        "torchjd[cagrad,quadprog-projector]>=0.18",
+    ):
+        assert f'Requires-Dist: {needed}; extra == "train"' in metadata, needed
 
 
 def _fresh_venv(path: Path) -> Path:

@@ -1,4 +1,5 @@
-"""MkDocs hook (``hooks:`` in mkdocs.yml): the API reference must hold every public name.
+"""MkDocs hook (``hooks:`` in mkdocs.yml): the API reference must hold every public name, and
+figures kept elsewhere in the repository are served from the site (one copy in git).
 
 A name in ``cs_kernels.__all__`` (or in an integration module's ``__all__``) without a
 ``::: cs_kernels.<name>`` entry in ``docs/api.md`` fails the build. The public names are read
@@ -19,6 +20,10 @@ API_PAGE = "api.md"
 PUBLIC_MODULES = {
     "cs_kernels": ROOT / "cs_kernels" / "__init__.py",
     "cs_kernels.integrations.torchjd": ROOT / "cs_kernels" / "integrations" / "torchjd.py",
+}
+# site path -> the repository file it serves (a figure the programs write, used by the docs)
+OUTSIDE_FILES = {
+    "img/scenes-predictions.png": ROOT / "python" / "results" / "scenes" / "predictions.png",
 }
 # Constants of those modules that are public but documented in prose, not in the reference.
 NOT_IN_REFERENCE = {"cs_kernels.integrations.torchjd.INSTALL_HINT"}
@@ -49,6 +54,14 @@ def documented_names(markdown: str) -> set[str]:
 def missing_from_reference(markdown: str) -> list[str]:
     documented = documented_names(markdown)
     return [n for n in public_names() if n not in documented]
+
+
+def on_files(files: Any, config: Any) -> Any:
+    from mkdocs.structure.files import File
+
+    for uri, path in OUTSIDE_FILES.items():
+        files.append(File.generated(config, uri, abs_src_path=str(path)))
+    return files
 
 
 def on_page_markdown(markdown: str, page: Any, config: Any, files: Any) -> str:
