@@ -175,9 +175,28 @@ def extension_wanted(env: Mapping[str, str]) -> bool:
     return value != "0"
 
 
+MIN_SETUPTOOLS = (77, 0)  # pyproject.toml's SPDX `license` and `license-files` need it
+
+
+def check_setuptools(version: str) -> None:
+    """Stop with a clear message when setuptools is too old to read pyproject.toml.
+
+    Raises:
+        SystemExit: ``version`` is older than `MIN_SETUPTOOLS`.
+    """
+    parts = tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
+    if parts < MIN_SETUPTOOLS:
+        raise SystemExit(
+            f"cs_kernels: setuptools {version} is too old to build it; "
+            f'pip install "setuptools>={MIN_SETUPTOOLS[0]}"'
+        )
+
+
 def main() -> None:
+    import setuptools
     from setuptools import setup
 
+    check_setuptools(setuptools.__version__)
     if not extension_wanted(os.environ):
         print("cs_kernels: no compiled extension (CS_KERNELS_EXTENSION=0)", file=sys.stderr)
         setup()

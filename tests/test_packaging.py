@@ -171,5 +171,9 @@ def test_setup_py_extension_setting_is_checked() -> None:
     assert not setup_py.extension_wanted({"CS_KERNELS_EXTENSION": "0"})
     with pytest.raises(ValueError, match="CS_KERNELS_EXTENSION"):
         setup_py.extension_wanted({"CS_KERNELS_EXTENSION": "yes"})
+    setup_py.check_setuptools("77.0.3")
+    setup_py.check_setuptools("84.2.1")
+    with pytest.raises(SystemExit, match=r'pip install "setuptools>=77"'):
+        setup_py.check_setuptools("70.1.0")
     assert setup_py.needs_torch(["setup.py", "bdist_wheel"])
     assert not setup_py.needs_torch(["setup.py", "sdist"])
