@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 READY  := $(VENV)/.cs_kernels_ready
 
-.PHONY: setup build test test-fast test-models lint cuda-check gpu-check gpu-rehearsal demo reproduce bench bench-load clean
+.PHONY: setup build test test-fast test-models lint docs cuda-check gpu-check gpu-rehearsal demo reproduce bench bench-load clean
 
 setup: $(READY)
 
@@ -19,13 +19,22 @@ build: $(READY)
 lint: $(READY)
 	$(PY) tools/static_checks.py
 
-# Also under the GPU machines' triton 3.6.0 (.venv-triton36, made by the set-up): the
+# The documentation site (MkDocs + Material + mkdocstrings, mkdocs.yml) into site/, warnings as
+# errors: a broken link or anchor, a page left out of the nav, a public name missing from
+# docs/api.md (tools/docs_hooks.py) fail the build.
+docs: $(READY)
+	@$(PY) -c "import mkdocs, material, mkdocstrings_handlers.python" 2>/dev/null || { \
+	  echo "make docs: mkdocs-material and mkdocstrings-python are not installed in $(VENV) (requirements-dev.txt)"; exit 1; }
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir site
+
+# Then, also under the GPU machines' triton 3.6.0 (.venv-triton36, made by the set-up): the
 # ahead-of-time compile of every kernel configuration and the interpreter suites. Then the
 # real torchvision/timm models on the newest torch (test-models), and the GPU run rehearsed
 # with the GPU machines' versions (gpu-rehearsal; the real models again, on torch 2.11).
 test: $(READY)
 	$(PY) tools/static_checks.py
 	$(PY) tools/check_cuda_compile.py
+	$(MAKE) docs
 	CS_KERNELS_REQUIRE_CPU=1 $(PY) -m pytest -q tests
 	$(MAKE) test-models
 	$(MAKE) gpu-rehearsal
@@ -82,4 +91,4 @@ bench-load: $(READY)
 	$(PY) benchmarks/phase2_table.py --load 3 --save
 
 clean:
-	rm -rf $(VENV) .venv-triton36 .venv-models .venv-gpu-twin build *.egg-info cs_kernels/*.so gpu-rehearsal-results
+	rm -rf $(VENV) .venv-triton36 .venv-models .venv-gpu-twin build dist site *.egg-info cs_kernels/*.so gpu-rehearsal-results

@@ -6,6 +6,8 @@ builds, the ``cuda`` backend (``csrc/cuda/*.cu`` plus their registration
 through ``torch.utils.cpp_extension``.
 
 Environment:
+    CS_KERNELS_EXTENSION=0  install the pure-Python package without compiling anything (no C++
+                            compiler needed; the ``torch`` backend then serves the CPU).
     CS_KERNELS_PORTABLE=1   build without ``-march=native`` (for binaries that travel).
     CS_KERNELS_CUDA=0|1     force the CUDA kernels off, or on (failing clearly when torch has
                             no CUDA or no toolkit is found). Unset: built when both are there.
@@ -146,19 +148,74 @@ def extensions() -> list[object]:
     ]
 
 
+# Commands that compile the extension; the others (sdist, egg_info, dist_info) need no torch.
+BUILD_COMMANDS = {"build", "build_ext", "bdist_wheel", "install", "develop", "editable_wheel"}
+
+NO_TORCH_MESSAGE = (
+    "cs_kernels: torch is not importable in this build environment. The C++ extension must be "
+    "compiled against the torch that will import it, so build in your own environment "
+    "(with torch>=2.11 installed): `pip install --no-build-isolation .`"
+)
+
+
+def needs_torch(argv: list[str]) -> bool:
+    """Whether the setup.py commands in ``argv`` compile the extension."""
+    return any(arg in BUILD_COMMANDS for arg in argv[1:])
+
+
+def extension_wanted(env: Mapping[str, str]) -> bool:
+    """False when ``CS_KERNELS_EXTENSION=0`` asks for the pure-Python package.
+
+    Raises:
+        ValueError: ``CS_KERNELS_EXTENSION`` is not 0, 1 or empty.
+    """
+    value = env.get("CS_KERNELS_EXTENSION", "").strip()
+    if value not in ("", "0", "1"):
+        raise ValueError(f"CS_KERNELS_EXTENSION must be 0 or 1 (or unset), got {value!r}")
+    return value != "0"
+
+
+MIN_SETUPTOOLS = (77, 0)  # pyproject.toml's SPDX `license` and `license-files` need it
+
+
+def check_setuptools(version: str) -> None:
+    """Stop with a clear message when setuptools is too old to read pyproject.toml.
+
+    Raises:
+        SystemExit: ``version`` is older than `MIN_SETUPTOOLS`.
+    """
+    parts = tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
+    if parts < MIN_SETUPTOOLS:
+        raise SystemExit(
+            f"cs_kernels: setuptools {version} is too old to build it; "
+            f'pip install "setuptools>={MIN_SETUPTOOLS[0]}"'
+        )
+
+
 def main() -> None:
+    import setuptools
+    from setuptools import setup
+
+    check_setuptools(setuptools.__version__)
+    if not extension_wanted(os.environ):
+        print("cs_kernels: no compiled extension (CS_KERNELS_EXTENSION=0)", file=sys.stderr)
+        setup()
+        return
+
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        if needs_torch(sys.argv):
+            raise SystemExit(NO_TORCH_MESSAGE) from None
+        setup()  # metadata or an sdist: pyproject.toml holds everything
+        return
     ext_modules = extensions()  # first: it may set CUDA_HOME for torch.utils.cpp_extension
 
-    from setuptools import find_packages, setup
     from torch.utils.cpp_extension import BuildExtension
 
     setup(
-        name="cs_kernels",
-        version="0.1.0",
-        packages=find_packages(include=["cs_kernels", "cs_kernels.*"]),
         ext_modules=ext_modules,
         cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-        python_requires=">=3.10",
     )
 
 

@@ -1,7 +1,7 @@
 """cs_kernels: fast connection strength-based multi-task optimization.
 
 Jeong & Yoon, "Quantifying Task Priority for Multi-Task Optimization", CVPR 2024. The math
-every backend follows is restated in docs/algorithm.md; the README lists the backends.
+every backend follows is restated in docs/algorithm.md; docs/backends.md lists the backends.
 
 Public API (autograd-free):
     batchnorm_scale, channel_strength, top_priority, plan_top_priority  -- strength
@@ -13,6 +13,7 @@ Public API (autograd-free):
     task_norms, task_scope, TaskNorm                                    -- bring your own model
 """
 
+from cs_kernels._version import __version__ as __version__
 from cs_kernels.backends import (
     BackendUnavailableError,
     available_backends,
@@ -71,4 +72,3 @@ __all__ = [
     "task_scope",
     "top_priority",
 ]
-__version__ = "0.1.0"

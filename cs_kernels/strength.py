@@ -5,7 +5,7 @@ task-specific connection (for a BatchNorm: ``gamma_t^2 / (running_var_t + eps)``
 Strengths are normalised per task over each layer's channels, and the top-priority task of a
 channel is the argmax over tasks, ties going to the smallest task index.
 
-Edge behaviour follows the paper (see README): a BatchNorm without affine scale contributes
+Edge behaviour follows the paper (see docs/api.md): a BatchNorm without affine scale contributes
 ``1 / (v + eps)``; one without running statistics contributes ``gamma^2``.
 """
 
