@@ -80,6 +80,9 @@ def test_jac_to_grad_gives_combine_on_the_same_rows(
     assert got.dtype == dtype
     assert torch.equal(rows, rows_before), "the aggregator modified the Jacobian"
 
+    # The rows TorchJD computed are the rows the controller collects itself.
+    cs.collect(loss_fn)
+    assert_close(cs.buffer.grads, rows, dtype, "autojac rows vs cs.collect rows")
     # The controller's own path on the same rows: the same function, bit for bit.
     cs.buffer.grads.copy_(rows)
     top = cs.combine()
@@ -95,9 +98,6 @@ def test_jac_to_grad_gives_combine_on_the_same_rows(
     # A test that could not fail would be worthless: the projection must have acted.
     assert not torch.allclose(got, rows.sum(0)), "no projection happened: weak test case"
 
-    # The rows TorchJD computed are the rows the controller collects itself.
-    cs.collect(loss_fn)
-    assert_close(cs.buffer.grads, rows, dtype, "autojac rows vs cs.collect rows")
     # Task-specific parameters got their own task's gradient (Sum of one non-zero row).
     head = model.head[tasks[1]].weight
     assert head.grad is not None and bool(head.grad.abs().sum() > 0)
