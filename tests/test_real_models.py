@@ -2,7 +2,8 @@
 
 Runs wherever torchvision / timm import (the GPU machines; here `make test-models`, which
 sets CS_KERNELS_REQUIRE_MODELS=1 so that a library that does not import fails instead of
-skipping). The structural replicas in tests/model_replicas.py and python/backbones.py cover
+skipping). The structural replicas in tests/model_replicas.py and
+python/mtl/models/backbones.py cover
 the same ground in every run; the first tests here check that the ResNet replica is faithful.
 """
 
@@ -21,7 +22,7 @@ import cs_kernels as ck
 from tests.model_libraries import REQUIRED, load
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "python"))
-import backbones
+from mtl.models import backbones
 
 TASKS = ["seg", "depth"]
 

@@ -6,7 +6,7 @@ surface normals).
                               width=16)
     out = model(images, task="depth")  # [B, 1, H, W]
 
-The backbone is written without tasks (ours in ``backbones.py``, or a torchvision / timm
+The backbone is written without tasks (ours in `mtl.models.backbones`, or a torchvision / timm
 ResNet passed in, pretrained or not): `cs_kernels.task_norms` gives each of its norms one copy
 per task, and the forward runs it inside `cs_kernels.task_scope`, so every shared conv is
 followed by a BatchNorm of each task's own, as in the paper (Jeong & Yoon use ResNet/HRNet
@@ -36,11 +36,11 @@ from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
-from backbones import HRNetLite, backbone_features, feature_channels, resnet18, resnet50
 from torch import Tensor, nn
 
 import cs_kernels as ck
 from cs_kernels.training.per_task_norms import check_tasks
+from mtl.models.backbones import HRNetLite, backbone_features, feature_channels, resnet18, resnet50
 
 DEFAULT_TASKS = ("seg", "depth", "normal")
 TASK_KINDS = {"seg": "segment", "depth": "depth", "normal": "normal"}
