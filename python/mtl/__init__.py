@@ -1,0 +1,1 @@
+"""The multi-task training programs' library (datasets, metrics, ...)."""
