@@ -112,9 +112,7 @@ def test_one_epoch_of_the_program_per_dataset(tmp_path: Path, name: str, method:
     assert set(result["metrics"]) == expected_metrics(name)
     assert all(math.isfinite(v) for v in result["metrics"].values()), result["metrics"]
     assert result["delta_m"] is None
-    assert result["plan"]["epochs"] == 1 and result["plan"]["tasks"] == list(
-        spec_of(name).tasks
-    )
+    assert result["plan"]["epochs"] == 1 and result["plan"]["tasks"] == list(spec_of(name).tasks)
     assert (out / CHECKPOINT).is_file()
     assert "epoch 1/1: loss" in done.stdout
 
@@ -150,7 +148,9 @@ def test_poly_schedule() -> None:
 )
 def test_bad_options_are_errors_naming_them(tmp_path: Path, flags: list[str], message: str) -> None:
     root = write_fake("nyud", tmp_path / "data")
-    done = program("--dataset", "nyud", "--root", root, "--out", tmp_path / "run", *SMALL_FLAGS, *flags)
+    done = program(
+        "--dataset", "nyud", "--root", root, "--out", tmp_path / "run", *SMALL_FLAGS, *flags
+    )
     assert done.returncode == 2, done.stderr[-2000:]
     assert message in done.stderr
 
@@ -180,18 +180,18 @@ def _assert_identical(a: Any, b: Any, where: str = "") -> None:
 
 @pytest.mark.parametrize(("method", "weights"), [("ours_mixed", "dwa"), ("gd", "uw")])
 def test_resume_is_bit_identical(tmp_path: Path, method: str, weights: str) -> None:
-    root = write_fake("nyuv2-mtan", tmp_path / "data")
+    root = write_fake("nyud", tmp_path / "data")
     common = {**SMALL, "epochs": 3, "method": method, "loss_weights": weights, "seed": 3}
-    whole = run(DenseRunConfig("nyuv2-mtan", root, tmp_path / "whole", **common))
-    part = DenseRunConfig("nyuv2-mtan", root, tmp_path / "part", **common, stop_after=1)
+    whole = run(DenseRunConfig("nyud", root, tmp_path / "whole", **common))
+    part = DenseRunConfig("nyud", root, tmp_path / "part", **common, stop_after=1)
     assert run(part) == {"stopped_after": 1}
     assert _states(tmp_path / "part")["epoch"] == 1
-    resumed = run(DenseRunConfig("nyuv2-mtan", root, tmp_path / "part", **common, resume=True))
+    resumed = run(DenseRunConfig("nyud", root, tmp_path / "part", **common, resume=True))
     _assert_identical(_states(tmp_path / "whole"), _states(tmp_path / "part"))
     assert resumed["metrics"] == whole["metrics"]
     losses = [[h["loss"] for h in r["history"]] for r in (whole, resumed)]
     assert losses[0] == losses[1]
-    other = DenseRunConfig("nyuv2-mtan", root, tmp_path / "part", **{**common, "seed": 4})
+    other = DenseRunConfig("nyud", root, tmp_path / "part", **{**common, "seed": 4})
     with pytest.raises(ValueError, match=r"another run \(differs in \['seed'\]\)"):
         run(DenseRunConfig(**{**other.__dict__, "resume": True}))
 
@@ -211,7 +211,11 @@ def test_single_task_runs_and_delta_m(tmp_path: Path) -> None:
     )
     assert again["metrics"] == single["metrics"]  # deterministic: the same bits
     assert again["delta_m"] == 0.0
-    multi = run(DenseRunConfig("nyud", root, tmp_path / "gd", method="gd", single_task_results=path, **SMALL))
+    multi = run(
+        DenseRunConfig(
+            "nyud", root, tmp_path / "gd", method="gd", single_task_results=path, **SMALL
+        )
+    )
     assert isinstance(multi["delta_m"], float) and math.isfinite(multi["delta_m"])
     assert multi["delta_m"] != 0.0
     written = json.loads((tmp_path / "gd" / METRICS).read_text())
@@ -219,7 +223,11 @@ def test_single_task_runs_and_delta_m(tmp_path: Path) -> None:
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"metrics": {"semseg/mIoU": 0.1}}))
     with pytest.raises(ValueError, match=r"bad.json lacks \['depth/rmse'"):
-        run(DenseRunConfig("nyud", root, tmp_path / "x", method="gd", single_task_results=bad, **SMALL))
+        run(
+            DenseRunConfig(
+                "nyud", root, tmp_path / "x", method="gd", single_task_results=bad, **SMALL
+            )
+        )
 
 
 # ------------------------------------------------------------------------ backbones, weights
@@ -245,7 +253,7 @@ def test_local_weights_load_and_bad_files_are_named(tmp_path: Path) -> None:
         make_backbone("resnet18", source="ours", width=4, weights=partial)
     junk = tmp_path / "junk.pth"
     junk.write_text("not a checkpoint")
-    with pytest.raises(ValueError, match="junk.pth is not a torch checkpoint"):
+    with pytest.raises(ValueError, match=r"junk\.pth is not a torch checkpoint"):
         make_backbone("resnet18", source="ours", width=4, weights=junk)
     with pytest.raises(ValueError, match="backbone must be one of"):
         make_backbone("vgg16")
@@ -298,7 +306,10 @@ def test_dwa_by_hand() -> None:
 def test_weightings() -> None:
     recipe = make_weighting("recipe", ["semseg", "normals"], {"normals": 10.0})
     assert recipe.current() == {"semseg": 1.0, "normals": 10.0}
-    assert make_weighting("equal", ["semseg", "normals"]).current() == {"semseg": 1.0, "normals": 1.0}
+    assert make_weighting("equal", ["semseg", "normals"]).current() == {
+        "semseg": 1.0,
+        "normals": 1.0,
+    }
     uw = make_weighting("uw", ["a", "b"])
     assert len(list(uw.parameters())) == 2 and uw.current() == {"a": 0.5, "b": 0.5}
     with pytest.raises(ValueError, match="loss weights must be one of"):
@@ -338,7 +349,11 @@ def _ddp_worker(rank: int, port: int, root: str, out: str, method: str) -> None:
     )
     torch.set_num_threads(1)
     try:
-        run(DenseRunConfig("nyuv2-mtan", Path(root), Path(out), method=method, **{**SMALL, "batch_size": 4}))
+        run(
+            DenseRunConfig(
+                "nyud", Path(root), Path(out), method=method, **{**SMALL, "batch_size": 4}
+            )
+        )
     finally:
         dist.destroy_process_group()
 
@@ -346,9 +361,9 @@ def _ddp_worker(rank: int, port: int, root: str, out: str, method: str) -> None:
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 @pytest.mark.parametrize("method", ["ours_mixed", "pcgrad"])
 def test_two_gloo_ranks_train_and_agree(tmp_path: Path, method: str) -> None:
-    root = write_fake("nyuv2-mtan", tmp_path / "data")
+    root = write_fake("nyud", tmp_path / "data")
     out = tmp_path / "run"
     mp.spawn(_ddp_worker, args=(_free_port(), str(root), str(out), method), nprocs=2, join=True)
     result = json.loads((out / METRICS).read_text())
     assert result["world_size"] == 2 and result["ranks_agree"] is True
-    assert set(result["metrics"]) == expected_metrics("nyuv2-mtan")
+    assert set(result["metrics"]) == expected_metrics("nyud")
