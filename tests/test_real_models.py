@@ -231,3 +231,41 @@ def test_timm_vit_pre_norm_blocks() -> None:
     y = {t: torch.randint(0, 2, (2,)) for t in TASKS}
     cs.phase2_backward(lambda t: nn.functional.cross_entropy(model(x, t), y[t]))
     assert all(p.grad is not None for p in cs.shared_parameters)
+
+
+@pytest.mark.parametrize(("name", "lib"), [("resnet18", "torchvision"), ("hrnet18", "timm")])
+def test_train_dense_backbones_from_the_libraries(name: str, lib: str, tmp_path: Path) -> None:
+    """train_dense.py's library backbones: built without downloading, a saved checkpoint
+    loaded back (its classifier ignored), four scales, and a Phase 2 step on the dense net."""
+    from mtl.models.dense import DenseMultiTaskNet
+    from mtl.models.zoo import make_backbone
+
+    library(lib)
+    torch.manual_seed(0)
+    net, origin = make_backbone(name)
+    assert origin == lib
+    if lib == "timm":
+        assert net.feature_channels == [18, 36, 72, 144]
+        full = library("timm").create_model("hrnet_w18", pretrained=False)
+        state = full.state_dict()  # incl. incre/downsamp modules and the classifier
+    else:
+        state = library("torchvision").models.resnet18(weights=None).state_dict()
+    path = tmp_path / f"{name}.pth"
+    torch.save(state, path)
+    loaded, _ = make_backbone(name, weights=path)
+    target = loaded.net if lib == "timm" else loaded
+    for key, value in target.state_dict().items():
+        assert torch.equal(value, state[key]), key
+    model = DenseMultiTaskNet(
+        TASKS, backbone=loaded, kinds={"seg": "segment", "depth": "depth"}, outputs={"seg": 3},
+        head_width=8,
+    )  # fmt: skip
+    x = torch.randn(2, 3, 64, 64)
+    y = torch.randint(0, 3, (2, 64, 64))
+    cs = ck.ConnectionStrength(model, TASKS, x)
+    losses = {
+        "seg": lambda: nn.functional.cross_entropy(model(x, task="seg"), y),
+        "depth": lambda: model(x, task="depth").abs().mean(),
+    }
+    cs.phase2_backward(lambda t: losses[t]())
+    assert all(p.grad is not None for p in cs.shared_parameters)

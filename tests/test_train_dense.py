@@ -95,15 +95,23 @@ SMALL_FLAGS = [
 
 
 @pytest.mark.parametrize(
-    ("name", "method"),
-    [("nyud", "ours_mixed"), ("pascal", "gd"), ("nyuv2-mtan", "ours_phase2"), ("cityscapes", "gd")],
+    ("name", "method", "workers"),
+    [
+        ("nyud", "ours_mixed", 2),
+        ("pascal", "gd", 0),
+        ("nyuv2-mtan", "ours_phase2", 0),
+        ("cityscapes", "gd", 0),
+    ],
 )
-def test_one_epoch_of_the_program_per_dataset(tmp_path: Path, name: str, method: str) -> None:
+def test_one_epoch_of_the_program_per_dataset(
+    tmp_path: Path, name: str, method: str, workers: int
+) -> None:
     root = write_fake(name, tmp_path / "data")
     before = tree_digest(tmp_path / "data")
     out = tmp_path / "run"
     done = program(
-        "--dataset", name, "--root", root, "--method", method, "--out", out, *SMALL_FLAGS
+        "--dataset", name, "--root", root, "--method", method, "--out", out, *SMALL_FLAGS,
+        "--workers", str(workers),
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     assert tree_digest(tmp_path / "data") == before  # nothing written into the data root
@@ -367,3 +375,11 @@ def test_two_gloo_ranks_train_and_agree(tmp_path: Path, method: str) -> None:
     result = json.loads((out / METRICS).read_text())
     assert result["world_size"] == 2 and result["ranks_agree"] is True
     assert set(result["metrics"]) == expected_metrics("nyud")
+
+
+@pytest.mark.parametrize("method", ["cagrad", "mgda", "aligned_mtl", "ours_phase1"])
+def test_every_other_method_trains_an_epoch(tmp_path: Path, method: str) -> None:
+    root = write_fake("nyud", tmp_path / "data")
+    result = run(DenseRunConfig("nyud", root, tmp_path / "run", method=method, **SMALL))
+    assert set(result["metrics"]) == expected_metrics("nyud")
+    assert all(math.isfinite(v) for v in result["history"][0]["loss"].values())

@@ -6,7 +6,7 @@ name           library (when importable)               ours (otherwise, or ``sou
 ``resnet18``   ``torchvision.models.resnet18``         `mtl.models.backbones.resnet18`
 ``resnet50``   ``torchvision.models.resnet50``         `mtl.models.backbones.resnet50`
 ``hrnet18``    ``timm`` ``hrnet_w18``, features only   `mtl.models.backbones.HRNetLite`, four
-                                                       branches 18/36/72/144
+               (its four branches, 18/36/72/144)       branches 18/36/72/144
 =============  ======================================  =====================================
 
 Our ResNets have torchvision's parameter names, so a torchvision checkpoint loads into either.
@@ -30,7 +30,15 @@ from mtl.models.backbones import HRNetLite, resnet18, resnet50
 
 BACKBONE_NAMES = ("resnet18", "resnet50", "hrnet18")
 SOURCES = ("auto", "library", "ours")
-HEAD_PREFIXES = ("fc.", "classifier.", "head.", "final_layer.")  # classifiers we never use
+# classification parts of a checkpoint the dense backbones do not have (ignored when loading)
+HEAD_PREFIXES = (
+    "fc.",
+    "classifier.",
+    "head.",
+    "final_layer.",
+    "downsamp_modules.",
+    "incre_modules.",
+)
 _LIBRARY = {"resnet18": "torchvision", "resnet50": "torchvision", "hrnet18": "timm"}
 
 
@@ -91,8 +99,12 @@ def make_backbone(
     if library is None:
         net, origin = _ours(name, width), "ours"
     elif name == "hrnet18":
-        model = library.create_model(
-            "hrnet_w18", pretrained=False, features_only=True, out_indices=(1, 2, 3, 4)
+        model = library.create_model(  # the four branch outputs, 18/36/72/144 channels
+            "hrnet_w18",
+            pretrained=False,
+            features_only=True,
+            feature_location="",
+            out_indices=(1, 2, 3, 4),
         )
         net, origin = FeatureBackbone(model, list(model.feature_info.channels())), "timm"
     else:
