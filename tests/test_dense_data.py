@@ -340,3 +340,40 @@ def test_mtan_errors_name_the_file(tmp_path: Path) -> None:
         ds[0]
     with pytest.raises(ValueError, match="dataset must be one of"):
         open_dense("cifar", tmp_path, "train")
+
+
+# ------------------------------------------------------------------------------------- docs
+
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "datasets"
+PAGES = {"nyud": "nyud.md", "pascal": "pascal.md", "nyuv2-mtan": "nyuv2-mtan.md",
+         "cityscapes": "cityscapes.md"}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(PAGES))
+def test_each_dataset_page_covers_source_layout_recipe_and_metrics(name: str) -> None:
+    text = (DOCS / PAGES[name]).read_text()
+    for heading in ("## Where to obtain it", "## Layout expected", "## Recipe", "## Metrics"):
+        assert heading in text, (name, heading)
+    assert f"--dataset {name}" in text
+    for metric in SPECS[name].delta_metrics:
+        assert f"`{metric}`" in text, (name, metric)
+    assert PAGES[name] in (DOCS / "index.md").read_text()
+
+
+def test_dataset_docs_examples_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    import re
+
+    monkeypatch.chdir(DOCS.parent.parent)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    blocks = [
+        (page.name, code)
+        for page in sorted(DOCS.glob("*.md"))
+        for code in re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S)
+    ]
+    assert blocks
+    for page, code in blocks:
+        assert "../shared" not in code
+        exec(compile(code, f"docs/datasets/{page}", "exec"), {})
+    for page in DOCS.glob("*.md"):
+        text = page.read_text()
+        assert "../shared" not in text and not re.search(r"[Ii]ssue \d", text), page.name
