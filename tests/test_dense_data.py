@@ -210,11 +210,13 @@ def test_pascal_reads_every_task_back(tmp_path: Path, semseg_dir: str) -> None:
         assert torch.equal(s["normals"].abs().sum(0) > 0, keep)
         truth = torch.from_numpy(stored["normals"]).permute(2, 0, 1)
         assert float((s["normals"] - truth)[:, keep].abs().max()) < 0.01
-        # the context map changes every 4 columns: one edge column per change, full height
+        # the context map changes every 4 columns: one edge column per change, running from
+        # the second row to the last but one (thinning takes a line's end pixels)
         edge = s["edge"][0]
         changes = int((np.diff(stored["labelmap"][0].astype(int)) != 0).sum())
-        assert int(edge.sum()) == changes * 12
-        assert bool((edge.sum(0)[edge.sum(0) > 0] == 12).all())
+        columns = edge.sum(0) > 0
+        assert int(columns.sum()) == changes
+        assert bool((edge[1:-1, columns] == 1).all()) and int(edge.sum()) == changes * 10
 
 
 def test_pascal_augments_with_rotation_and_keeps_personless_images_ignore(tmp_path: Path) -> None:
@@ -377,3 +379,30 @@ def test_dataset_docs_examples_run(monkeypatch: pytest.MonkeyPatch) -> None:
     for page in DOCS.glob("*.md"):
         text = page.read_text()
         assert "../shared" not in text and not re.search(r"[Ii]ssue \d", text), page.name
+
+
+def test_edges_are_thinned_to_a_subset_and_stable() -> None:
+    from mtl.data.pascal import laplacian_edges, thin
+
+    rng = np.random.default_rng(0)
+    for shape in [(1, 7), (5, 1), (9, 13), (16, 16)]:
+        labels = rng.integers(0, 3, shape).repeat(2, 0).repeat(2, 1)
+        x = labels.astype(float)
+        p = np.pad(x, 1, mode="reflect") if min(x.shape) > 1 else np.pad(x, 1, mode="edge")
+        raw = np.abs(4 * x - p[:-2, 1:-1] - p[2:, 1:-1] - p[1:-1, :-2] - p[1:-1, 2:]) > 0
+        edges = laplacian_edges(labels).astype(bool)
+        assert not (edges & ~raw).any()  # thinning only removes
+        assert np.array_equal(thin(edges), edges)  # and has converged
+    assert laplacian_edges(np.ones((4, 5))).sum() == 0
+
+
+def test_spawned_dataloader_workers_give_the_same_samples(tmp_path: Path) -> None:
+    fakes.write_nyud(tmp_path, n_train=2, n_val=1)
+    ds = open_dense("nyud", tmp_path, "train", image_size=(12, 16), seed=5)
+    loader = torch.utils.data.DataLoader(
+        ds, batch_size=2, num_workers=1, multiprocessing_context="spawn"
+    )
+    batch = next(iter(loader))
+    for i in range(2):
+        assert torch.equal(batch["normals"][i], ds[i]["normals"])
+        assert torch.equal(batch["semseg"][i], ds[i]["semseg"])

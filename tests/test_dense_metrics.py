@@ -158,3 +158,53 @@ def test_delta_m_on_cityscapes_is_the_plain_mean_of_four_metrics() -> None:
     multi = {"semseg/mIoU": 55.0, "semseg/pixel_acc": 80.0, "disparity/abs_err": 0.03,
              "disparity/rel_err": 30.0}  # fmt: skip
     assert delta_m(multi, single, spec) == pytest.approx((10 + 0 - 50 + 25) / 4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+def test_low_precision_predictions_score_like_fp32(dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(0)
+    target = {
+        "semseg": torch.randint(0, 40, (2, 5, 7), generator=g),
+        "depth": torch.rand(2, 1, 5, 7, generator=g) + 0.5,
+        "normals": torch.nn.functional.normalize(torch.randn(2, 3, 5, 7, generator=g), dim=1),
+    }
+    pred = {
+        "semseg": torch.randn(2, 40, 5, 7, generator=g),
+        "depth": torch.rand(2, 1, 5, 7, generator=g) + 0.5,
+        "normals": torch.randn(2, 3, 5, 7, generator=g),
+    }
+    ref, low = DenseMetrics(NYUD), DenseMetrics(NYUD)
+    ref.update(pred, target)
+    low.update({k: v.to(dtype) for k, v in pred.items()}, target)
+    tol = {torch.float64: 1e-9, torch.float32: 1e-9, torch.bfloat16: 2e-2, torch.float16: 2e-3}
+    expected, got = ref.compute(), low.compute()
+    for key in ("depth/rmse", "depth/abs_rel", "normals/mean"):
+        assert got[key] == pytest.approx(expected[key], rel=tol[dtype]), key
+
+
+def test_update_leaves_the_callers_tensors_alone() -> None:
+    g = torch.Generator().manual_seed(1)
+    pred = {"normals": torch.randn(1, 3, 4, 4, generator=g), "sal": torch.randn(1, 1, 4, 4)}
+    target = {
+        "normals": torch.nn.functional.normalize(torch.randn(1, 3, 4, 4, generator=g), dim=1),
+        "sal": torch.randint(0, 2, (1, 4, 4), generator=g),
+    }
+    copies = {k: (pred[k].clone(), target[k].clone()) for k in pred}
+    m = DenseMetrics(SPECS["pascal"])
+    m.update(pred, target)
+    m.compute()
+    for k, (p, t) in copies.items():
+        assert torch.equal(pred[k], p) and torch.equal(target[k], t), k
+
+
+def test_batches_pool_like_one_batch() -> None:
+    g = torch.Generator().manual_seed(2)
+    target = {"depth": torch.rand(4, 1, 3, 5, generator=g), "semseg": TARGET.repeat(4, 1, 1)}
+    pred = {"depth": torch.rand(4, 1, 3, 5, generator=g), "semseg": PRED.repeat(4, 1, 1).flip(0)}
+    whole, parts = DenseMetrics(spec_with(3)), DenseMetrics(spec_with(3))
+    whole.update(pred, target)
+    for i in range(4):
+        parts.update({k: v[i : i + 1] for k, v in pred.items()},
+                     {k: v[i : i + 1] for k, v in target.items()})  # fmt: skip
+    a, b = whole.compute(), parts.compute()
+    assert a == pytest.approx(b, rel=1e-12, nan_ok=True)

@@ -17,7 +17,7 @@ NYUD also has, plus tvmonitor; *unconfirmed*, the reference ships its own table)
 name in the dataset's ``labels.txt`` (``"id: name"`` lines) or given as ids
 (``normals_classes=``); elsewhere the normals are invalid (zero). Edges: ``|Laplacian(LabelMap)|
 > 0`` (4-neighbour, mirrored border), thinned to one pixel (Zhang–Suen, *ours*: the reference's
-thinning may differ by a pixel).
+thinning may differ by a pixel; lines lose their end pixel at the image border).
 """
 
 from __future__ import annotations
@@ -177,13 +177,13 @@ def laplacian_edges(labelmap: np.ndarray) -> np.ndarray:
 
 
 def thin(mask: np.ndarray) -> np.ndarray:
-    """Zhang–Suen thinning of a boolean ``[H, W]`` mask (our implementation). The border is
-    replicated, so a line running off the image is not shortened there."""
-    img = np.pad(mask.astype(np.uint8), 1, mode="edge")
+    """Zhang–Suen thinning of a boolean ``[H, W]`` mask (our implementation); outside the
+    image counts as background, so a line running off the image loses its last pixel."""
+    core = mask.astype(np.uint8)
     while True:
         changed = False
         for step in (0, 1):
-            c = img[1:-1, 1:-1]
+            img = np.pad(core, 1)
             # neighbours clockwise from north: P2..P9
             n = [
                 img[:-2, 1:-1], img[:-2, 2:], img[1:-1, 2:], img[2:, 2:],
@@ -198,12 +198,12 @@ def thin(mask: np.ndarray) -> np.ndarray:
                 cond = (p2 * p4 * p6 == 0) & (p4 * p6 * p8 == 0)
             else:
                 cond = (p2 * p4 * p8 == 0) & (p2 * p6 * p8 == 0)
-            remove = (c == 1) & (count >= 2) & (count <= 6) & (transitions == 1) & cond
+            remove = (core == 1) & (count >= 2) & (count <= 6) & (transitions == 1) & cond
             if remove.any():
-                c[remove] = 0
+                core = np.where(remove, 0, core).astype(np.uint8)
                 changed = True
         if not changed:
-            return img[1:-1, 1:-1].astype(bool)
+            return core.astype(bool)
 
 
 def human_parts_map(path: Path, shape: tuple[int, int]) -> np.ndarray:
