@@ -182,3 +182,227 @@ def test_nyud_bad_label_names_file_and_shape_or_range(
     with pytest.raises(ValueError, match=message) as err:
         ds[0]
     assert str(path) in str(err.value)
+
+
+# ----------------------------------------------------------------------------- PASCAL-Context
+
+
+@pytest.mark.parametrize("semseg_dir", ["VOC12", "pascal-context"])
+def test_pascal_reads_every_task_back(tmp_path: Path, semseg_dir: str) -> None:
+    from mtl.data.fakes import PASCAL_FAKE_LABELS
+
+    fake = fakes.write_pascal(tmp_path, n_train=1, n_val=2, semseg_dir=semseg_dir)
+    assert detect("pascal", tmp_path) == semseg_dir
+    ds = open_dense("pascal", tmp_path, "val", image_size=(12, 16))
+    kept = [k for k, v in PASCAL_FAKE_LABELS.items() if v in ("wall", "tvmonitor")]
+    for i, sample_id in enumerate(fake.ids["val"]):
+        s, stored = ds[i], fake.arrays[sample_id]
+        assert torch.equal(s["semseg"], torch.from_numpy(stored["semseg"].astype(np.int64)))
+        assert set(s["semseg"].unique().tolist()) == {*range(21), IGNORE_INDEX}
+        parts = torch.from_numpy(stored["parts_expected"])
+        assert torch.equal(s["human_parts"], parts)
+        if i == 0:
+            assert set(parts.unique().tolist()) == {*range(7), IGNORE_INDEX}
+        else:  # no person in the image: all ignore
+            assert bool((s["human_parts"] == IGNORE_INDEX).all())
+        assert torch.equal(s["sal"], torch.from_numpy((stored["sal"] / 255 > 0.5).astype(np.int64)))
+        keep = torch.from_numpy(np.isin(stored["labelmap"], kept))
+        assert torch.equal(s["normals"].abs().sum(0) > 0, keep)
+        truth = torch.from_numpy(stored["normals"]).permute(2, 0, 1)
+        assert float((s["normals"] - truth)[:, keep].abs().max()) < 0.01
+        # the context map changes every 4 columns: one edge column per change, running from
+        # the second row to the last but one (thinning takes a line's end pixels)
+        edge = s["edge"][0]
+        changes = int((np.diff(stored["labelmap"][0].astype(int)) != 0).sum())
+        columns = edge.sum(0) > 0
+        assert int(columns.sum()) == changes
+        assert bool((edge[1:-1, columns] == 1).all()) and int(edge.sum()) == changes * 10
+
+
+def test_pascal_augments_with_rotation_and_keeps_personless_images_ignore(tmp_path: Path) -> None:
+    fake = fakes.write_pascal(tmp_path, n_train=2, n_val=1)
+    ds = open_dense("pascal", tmp_path, "val", train=True, image_size=(12, 16), seed=1)
+    plain = open_dense("pascal", tmp_path, "val", image_size=(12, 16))
+    assert SPECS["pascal"].recipe.augment.rotation == 20.0
+    s = ds[0]
+    assert not torch.equal(s["image"], plain[0]["image"])
+    assert bool((s["human_parts"] == IGNORE_INDEX).all())
+    assert set(s["sal"].unique().tolist()) <= {0, 1}
+    assert fake.ids["val"][0] == s["meta"]["id"]
+
+
+def test_pascal_errors_name_what_is_missing(tmp_path: Path) -> None:
+    fakes.write_pascal(tmp_path, n_train=2, n_val=1)
+    base = tmp_path / "PASCAL_MT"
+    (base / "pascal-context/labels.txt").unlink()
+    with pytest.raises(ValueError, match=r"labels.txt.*normals_classes"):
+        open_dense("pascal", tmp_path, "train")
+    ds = open_dense("pascal", tmp_path, "val", normals_classes=[3], image_size=(12, 16))
+    assert ds[0]["normals"].abs().sum() > 0
+    open_dense("pascal", tmp_path, "train", tasks=["semseg", "sal"])  # normals not needed
+    (base / "sal_distill/2008_001001.png").unlink()
+    with pytest.raises(ValueError, match=r"'2008_001001'.*sal_distill/2008_001001.png"):
+        open_dense("pascal", tmp_path, "train", tasks=["sal"])
+    (base / "human_parts").rename(base / "parts")
+    with pytest.raises(ValueError, match=r"PASCAL_MT layout.*missing \['human_parts'\]"):
+        open_dense("pascal", tmp_path, "train", tasks=["human_parts"])
+
+
+def test_pascal_bad_labels_name_the_file(tmp_path: Path) -> None:
+    import scipy.io
+
+    fakes.write_pascal(tmp_path, n_train=1, n_val=1, size=(12, 16))
+    base = tmp_path / "PASCAL_MT"
+    fakes._save_png(base / "semseg/VOC12/2008_001000.png", np.full((12, 16), 30, np.uint8))
+    ds = open_dense("pascal", tmp_path, "train", tasks=["semseg"], image_size=(12, 16))
+    with pytest.raises(ValueError, match=r"semseg/VOC12/2008_001000.png.*\[30\]"):
+        ds[0]
+    scipy.io.savemat(base / "pascal-context/trainval/2008_001000.mat", {"Label": np.zeros((2, 2))})
+    ds = open_dense("pascal", tmp_path, "train", tasks=["edge"], image_size=(12, 16))
+    with pytest.raises(ValueError, match=r"trainval/2008_001000.mat: no variable 'LabelMap'"):
+        ds[0]
+    scipy.io.savemat(base / "human_parts/2008_001000.mat", {"x": 1})
+    ds = open_dense("pascal", tmp_path, "train", tasks=["human_parts"], image_size=(12, 16))
+    with pytest.raises(ValueError, match=r"human_parts/2008_001000.mat: expected a PASCAL-Part"):
+        ds[0]
+
+
+def test_pascal_never_writes_into_the_root(tmp_path: Path) -> None:
+    fakes.write_pascal(tmp_path, n_train=2, n_val=1)
+    before = snapshot(tmp_path)
+    for split in ("train", "val"):
+        ds = open_dense("pascal", tmp_path, split, image_size=(12, 16))
+        for i in range(len(ds)):
+            ds[i]
+    assert snapshot(tmp_path) == before
+
+
+# ------------------------------------------------------------------------------ MTAN arrays
+
+
+@pytest.mark.parametrize(
+    ("name", "label_folder"),
+    [("nyuv2-mtan", "label"), ("cityscapes", "label_7"), ("cityscapes", "label")],
+)
+def test_mtan_reads_the_arrays_back(tmp_path: Path, name: str, label_folder: str) -> None:
+    fake = fakes.write_mtan(tmp_path, name, n_train=2, n_val=2, label_folder=label_folder)
+    assert detect(name, tmp_path) == ("mtan" if name == "nyuv2-mtan" else label_folder)
+    spec = SPECS[name]
+    ds = open_dense(name, tmp_path, "val")
+    assert len(ds) == 2 and spec.recipe.normalize is False
+    for i in range(2):
+        s, stored = ds[i], fake.arrays[f"val/{i}"]
+        assert s["meta"] == {"id": str(i)}
+        assert s["image"].shape == (3, 8, 12)  # the stored size
+        torch.testing.assert_close(s["image"], torch.from_numpy(stored["image"]).permute(2, 0, 1))
+        label = torch.from_numpy(stored["semseg"]).long()
+        assert torch.equal(s["semseg"], torch.where(label < 0, IGNORE_INDEX, label))
+        classes = spec.num_classes["semseg"]
+        assert set(s["semseg"].unique().tolist()) == {*range(classes), IGNORE_INDEX}
+        key = "depth" if name == "nyuv2-mtan" else "disparity"
+        torch.testing.assert_close(s[key], torch.from_numpy(stored["depth"]).permute(2, 0, 1))
+        if name == "nyuv2-mtan":
+            normals = torch.from_numpy(stored["normals"]).permute(2, 0, 1)
+            torch.testing.assert_close(s["normals"], normals)
+
+
+def test_mtan_augmentation_crops_scales_and_flips(tmp_path: Path) -> None:
+    fakes.write_mtan(tmp_path, "nyuv2-mtan", n_train=6, n_val=1)
+    plain = open_dense("nyuv2-mtan", tmp_path, "train", train=False)
+    aug = open_dense("nyuv2-mtan", tmp_path, "train", seed=0)
+    changed = 0
+    for i in range(len(plain)):
+        p, q = plain[i], aug[i]
+        assert q["image"].shape == p["image"].shape
+        if torch.equal(q["depth"], p["depth"].flip(-1)):
+            assert torch.equal(q["normals"][0], -p["normals"][0].flip(-1))
+        elif not torch.equal(q["depth"], p["depth"]):
+            changed += 1
+            stored = p["depth"].flatten()
+            values = q["depth"][q["depth"] > 0]
+            ok = [torch.isclose(values[:, None], stored[None] / s).any(1) for s in (1.2, 1.5)]
+            assert bool(ok[0].all() or ok[1].all())
+    assert changed > 0
+
+
+def test_mtan_errors_name_the_file(tmp_path: Path) -> None:
+    fakes.write_mtan(tmp_path, "cityscapes", n_train=2, n_val=1)
+    with pytest.raises(ValueError, match=r"MTAN nyuv2-mtan layout.*missing.*normal"):
+        open_dense("nyuv2-mtan", tmp_path, "train")
+    (tmp_path / "train/depth/1.npy").unlink()
+    with pytest.raises(ValueError, match=r"split id '1'.*train/depth/1.npy"):
+        open_dense("cityscapes", tmp_path, "train")
+    open_dense("cityscapes", tmp_path, "train", tasks=["semseg"])
+    np.save(tmp_path / "val/label_7/0.npy", np.full((8, 12), 7.0, np.float32))
+    ds = open_dense("cityscapes", tmp_path, "val")
+    with pytest.raises(ValueError, match=r"val/label_7/0.npy: label values.*\[7\]"):
+        ds[0]
+    np.save(tmp_path / "val/image/0.npy", np.zeros((8, 12), np.float32))
+    with pytest.raises(ValueError, match=r"val/image/0.npy: image must have shape \[H, W, 3\]"):
+        ds[0]
+    with pytest.raises(ValueError, match="dataset must be one of"):
+        open_dense("cifar", tmp_path, "train")
+
+
+# ------------------------------------------------------------------------------------- docs
+
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "datasets"
+PAGES = {"nyud": "nyud.md", "pascal": "pascal.md", "nyuv2-mtan": "nyuv2-mtan.md",
+         "cityscapes": "cityscapes.md"}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(PAGES))
+def test_each_dataset_page_covers_source_layout_recipe_and_metrics(name: str) -> None:
+    text = (DOCS / PAGES[name]).read_text()
+    for heading in ("## Where to obtain it", "## Layout expected", "## Recipe", "## Metrics"):
+        assert heading in text, (name, heading)
+    assert f"--dataset {name}" in text
+    for metric in SPECS[name].delta_metrics:
+        assert f"`{metric}`" in text, (name, metric)
+    assert PAGES[name] in (DOCS / "index.md").read_text()
+
+
+def test_dataset_docs_examples_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    import re
+
+    monkeypatch.chdir(DOCS.parent.parent)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    blocks = [
+        (page.name, code)
+        for page in sorted(DOCS.glob("*.md"))
+        for code in re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S)
+    ]
+    assert blocks
+    for page, code in blocks:
+        assert "../shared" not in code
+        exec(compile(code, f"docs/datasets/{page}", "exec"), {})
+    for page in DOCS.glob("*.md"):
+        text = page.read_text()
+        assert "../shared" not in text and not re.search(r"[Ii]ssue \d", text), page.name
+
+
+def test_edges_are_thinned_to_a_subset_and_stable() -> None:
+    from mtl.data.pascal import laplacian_edges, thin
+
+    rng = np.random.default_rng(0)
+    for shape in [(1, 7), (5, 1), (9, 13), (16, 16)]:
+        labels = rng.integers(0, 3, shape).repeat(2, 0).repeat(2, 1)
+        x = labels.astype(float)
+        p = np.pad(x, 1, mode="reflect") if min(x.shape) > 1 else np.pad(x, 1, mode="edge")
+        raw = np.abs(4 * x - p[:-2, 1:-1] - p[2:, 1:-1] - p[1:-1, :-2] - p[1:-1, 2:]) > 0
+        edges = laplacian_edges(labels).astype(bool)
+        assert not (edges & ~raw).any()  # thinning only removes
+        assert np.array_equal(thin(edges), edges)  # and has converged
+    assert laplacian_edges(np.ones((4, 5))).sum() == 0
+
+
+def test_spawned_dataloader_workers_give_the_same_samples(tmp_path: Path) -> None:
+    fakes.write_nyud(tmp_path, n_train=2, n_val=1)
+    ds = open_dense("nyud", tmp_path, "train", image_size=(12, 16), seed=5)
+    loader = torch.utils.data.DataLoader(
+        ds, batch_size=2, num_workers=1, multiprocessing_context="spawn"
+    )
+    batch = next(iter(loader))
+    for i in range(2):
+        assert torch.equal(batch["normals"][i], ds[i]["normals"])
+        assert torch.equal(batch["semseg"][i], ds[i]["semseg"])

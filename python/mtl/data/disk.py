@@ -87,7 +87,7 @@ def check_labels(array: np.ndarray, path: Path, allowed: Sequence[int], what: st
     """A ValueError naming ``path`` unless ``array`` holds integers from ``allowed`` only."""
     if not np.issubdtype(array.dtype, np.integer) and not np.array_equal(array, np.round(array)):
         raise ValueError(f"{path}: {what} must hold integer class ids, found fractions")
-    values = np.unique(array)
+    values = np.unique(array).astype(np.int64)  # integral by the check above
     bad = np.setdiff1d(values, np.asarray(allowed))
     if bad.size:
         raise ValueError(

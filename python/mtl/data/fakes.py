@@ -153,3 +153,128 @@ def write_nyud(
         else:
             _save_png(path("edge"), (edge * 255).astype(np.uint8))
     return fake
+
+
+def write_mtan(
+    root: str | Path,
+    name: str = "nyuv2-mtan",
+    n_train: int = 3,
+    n_val: int = 2,
+    size: tuple[int, int] = (8, 12),
+    label_folder: str | None = None,
+    seed: int = 0,
+) -> Fake:
+    """Fake MTAN arrays for ``name`` (``"nyuv2-mtan"``: ``label``, ``depth``, ``normal``;
+    ``"cityscapes"``: ``label_folder``, default ``label_7``, and ``depth`` as disparity)."""
+    classes = 13 if name == "nyuv2-mtan" else 7
+    label_folder = label_folder or ("label" if name == "nyuv2-mtan" else "label_7")
+    base = Path(root)
+    rng = np.random.default_rng(seed)
+    fake = Fake(base, {"train": [str(i) for i in range(n_train)],
+                       "val": [str(i) for i in range(n_val)]})  # fmt: skip
+    for split, count in (("train", n_train), ("val", n_val)):
+        for i in range(count):
+            image = rng.random((*size, 3)).astype(np.float32)
+            label = every_value(rng, size, classes + 1).astype(np.float32) - 1.0  # −1 ignore
+            hi = 10.0 if name == "nyuv2-mtan" else 0.49
+            depth = rng.uniform(hi / 20, hi, (*size, 1)).astype(np.float32)
+            depth[rng.random((*size, 1)) < 0.1] = 0.0
+            arrays = {"image": image, "semseg": label, "depth": depth}
+            _save_npy(base / split / "image" / f"{i}.npy", image)
+            _save_npy(base / split / label_folder / f"{i}.npy", label)
+            _save_npy(base / split / "depth" / f"{i}.npy", depth)
+            if name == "nyuv2-mtan":
+                normals = unit_normals(rng, size, invalid=0.1)
+                _save_npy(base / split / "normal" / f"{i}.npy", normals)
+                arrays["normals"] = normals
+            fake.arrays[f"{split}/{i}"] = arrays
+    return fake
+
+
+# A fake labels.txt: a few PASCAL-Context names, two of them in the normals' class list.
+PASCAL_FAKE_LABELS = {1: "aeroplane", 2: "wall", 3: "sky", 4: "tvmonitor", 5: "grass"}
+
+
+def _pascal_part_annotation(
+    rng: np.random.Generator, shape: tuple[int, int], with_person: bool
+) -> tuple[dict[str, object], np.ndarray]:
+    """A PASCAL-Part ``anno`` struct and the part map it means (255 ignore): one person with
+    all six part groups and an unlabelled strip, one person without parts, one dog."""
+    from mtl.data.pascal import PERSON
+
+    h, w = shape
+    odt = [("class", "O"), ("class_ind", "O"), ("mask", "O"), ("parts", "O")]
+    pdt = [("part_name", "O"), ("mask", "O")]
+    expected = np.zeros(shape, np.int64)
+    objects = []
+    dog = np.zeros(shape, np.uint8)
+    dog[:2, :] = 1
+    objects.append(("dog", 12, dog, np.zeros((0, 0))))
+    if with_person:
+        person = np.zeros(shape, np.uint8)
+        person[2:, : w // 2] = 1
+        names = ["hair", "torso", "luarm", "rhand", "ruleg", "lfoot"]
+        rows = np.array_split(np.arange(2, h - 1), len(names))
+        parts = np.zeros((1, len(names)), dtype=pdt)
+        expected[person > 0] = 255  # the last row of the person: no part
+        for j, (name, r) in enumerate(zip(names, rows, strict=True)):
+            mask = np.zeros(shape, np.uint8)
+            mask[r[0] : r[-1] + 1, : w // 2] = 1
+            parts[0, j] = (name, mask)
+            expected[mask > 0] = j + 1
+        objects.append(("person", PERSON, person, parts))
+        bare = np.zeros(shape, np.uint8)
+        bare[2:4, w // 2 + 1 : w // 2 + 3] = 1
+        objects.append(("person", PERSON, bare, np.zeros((0, 0))))
+        expected[bare > 0] = 255
+    else:
+        expected[:] = 255
+    table = np.zeros((1, len(objects)), dtype=odt)
+    for j, obj in enumerate(objects):
+        table[0, j] = obj
+    return {"imname": "fake", "objects": table}, expected
+
+
+def write_pascal(
+    root: str | Path,
+    n_train: int = 3,
+    n_val: int = 2,
+    size: tuple[int, int] = (12, 16),
+    semseg_dir: str = "VOC12",
+    seed: int = 0,
+) -> Fake:
+    """A fake ``PASCAL_MT`` folder under ``root``. The last val image has no person (its parts
+    are all ignore); ``arrays[id]`` also holds ``"parts_expected"`` (the part map it means)."""
+    base = Path(root) / "PASCAL_MT"
+    ids = _split_ids("2008_00", n_train, n_val, start=1000)
+    _write_split_files(base / "ImageSets" / "Context", ids)
+    (base / "pascal-context").mkdir(parents=True, exist_ok=True)
+    (base / "pascal-context" / "labels.txt").write_text(
+        "".join(f"{k}: {v}\n" for k, v in PASCAL_FAKE_LABELS.items())
+    )
+    rng = np.random.default_rng(seed)
+    h, w = size
+    fake = Fake(base, ids)
+    every = ids["train"] + ids["val"]
+    for sample_id in every:
+        image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        seg = every_value(rng, size, 22).astype(np.uint8)
+        seg[seg == 21] = 255
+        # context classes in vertical bands (so edges are lines)
+        band = np.repeat(rng.permutation([1, 2, 3, 4]), -(-w // 4))[:w]
+        labelmap = np.tile(band, (h, 1)).astype(np.uint16)
+        normals = unit_normals(rng, size, invalid=0.0)
+        sal = rng.integers(0, 256, size).astype(np.uint8)
+        sal[0, 0], sal[0, 1] = 255, 0  # both classes in every image
+        anno, parts = _pascal_part_annotation(rng, size, with_person=sample_id != every[-1])
+        _save_jpg(base / "JPEGImages" / f"{sample_id}.jpg", image)
+        _save_png(base / "semseg" / semseg_dir / f"{sample_id}.png", seg)
+        _save_mat(base / "pascal-context" / "trainval" / f"{sample_id}.mat", {"LabelMap": labelmap})
+        _save_mat(base / "human_parts" / f"{sample_id}.mat", {"anno": anno})
+        _save_png(base / "normals_distill" / f"{sample_id}.png", encode_normals(normals))
+        _save_png(base / "sal_distill" / f"{sample_id}.png", sal)
+        fake.arrays[sample_id] = {
+            "image": image, "semseg": seg, "labelmap": labelmap, "normals": normals,
+            "sal": sal, "parts_expected": parts,
+        }  # fmt: skip
+    return fake

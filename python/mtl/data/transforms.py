@@ -57,7 +57,10 @@ def _with(sample: Sample, maps: Mapping[str, Tensor]) -> Sample:
 def renormalize(normals: Tensor, valid: Tensor | None = None) -> Tensor:
     """``normals [3, H, W]`` scaled to unit length; zero where ``valid`` is False or the
     vector vanished (``valid [H, W]`` bool, default: non-zero vectors)."""
-    norm = normals.norm(dim=0, keepdim=True)
+    # elementwise over the 3 channels: much faster on the CPU than a dim-0 reduction
+    norm = (normals[0] * normals[0] + normals[1] * normals[1] + normals[2] * normals[2]).sqrt()[
+        None
+    ]
     if valid is None:
         valid = norm[0] > 1e-6
     valid = valid & (norm[0] > 1e-6)
