@@ -406,3 +406,14 @@ def test_spawned_dataloader_workers_give_the_same_samples(tmp_path: Path) -> Non
     for i in range(2):
         assert torch.equal(batch["normals"][i], ds[i]["normals"])
         assert torch.equal(batch["semseg"][i], ds[i]["semseg"])
+
+
+@pytest.mark.parametrize("name", ["nyud", "pascal", "nyuv2-mtan", "cityscapes"])
+def test_an_empty_root_names_what_was_looked_for(tmp_path: Path, name: str) -> None:
+    (tmp_path / "unrelated.txt").write_text("x")
+    with pytest.raises(ValueError, match=r"not in the .*layout: looked for .*; missing") as err:
+        open_dense(name, tmp_path, "train")
+    assert str(tmp_path) in str(err.value)
+    with pytest.raises(ValueError, match="not in the"):
+        detect(name, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["unrelated.txt"]
