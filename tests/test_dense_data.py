@@ -439,3 +439,14 @@ def test_a_damaged_mat_file_is_named(tmp_path: Path) -> None:
     ds = open_dense("nyud", tmp_path, "train", image_size=(12, 16))
     with pytest.raises(ValueError, match=r"img_5001.mat: cannot be read as a MATLAB"):
         ds[0]
+
+
+@pytest.mark.parametrize("name", ["nyuv2-mtan", "cityscapes"])
+def test_mtan_never_writes_into_the_root(tmp_path: Path, name: str) -> None:
+    fakes.write_mtan(tmp_path, name, n_train=2, n_val=1)
+    before = snapshot(tmp_path)
+    for split in ("train", "val"):
+        ds = open_dense(name, tmp_path, split)
+        for i in range(len(ds)):
+            ds[i]
+    assert snapshot(tmp_path) == before
