@@ -406,3 +406,47 @@ def test_spawned_dataloader_workers_give_the_same_samples(tmp_path: Path) -> Non
     for i in range(2):
         assert torch.equal(batch["normals"][i], ds[i]["normals"])
         assert torch.equal(batch["semseg"][i], ds[i]["semseg"])
+
+
+@pytest.mark.parametrize("name", ["nyud", "pascal", "nyuv2-mtan", "cityscapes"])
+def test_an_empty_root_names_what_was_looked_for(tmp_path: Path, name: str) -> None:
+    (tmp_path / "unrelated.txt").write_text("x")
+    with pytest.raises(ValueError, match=r"not in the .*layout: looked for .*; missing") as err:
+        open_dense(name, tmp_path, "train")
+    assert str(tmp_path) in str(err.value)
+    with pytest.raises(ValueError, match="not in the"):
+        detect(name, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["unrelated.txt"]
+
+
+@pytest.mark.parametrize(
+    "file", ["images/img_5001.jpg", "depth/img_5001.npy", "segmentation/img_5001.png"]
+)
+def test_a_damaged_file_is_named(tmp_path: Path, file: str) -> None:
+    fakes.write_nyud(tmp_path, n_train=1, n_val=1)
+    path = tmp_path / "NYUD_MT" / file
+    path.write_bytes(b"not what it claims to be")
+    ds = open_dense("nyud", tmp_path, "train", image_size=(12, 16))
+    with pytest.raises(ValueError, match="cannot be read as") as err:
+        ds[0]
+    assert str(path) in str(err.value)
+
+
+def test_a_damaged_mat_file_is_named(tmp_path: Path) -> None:
+    fakes.write_nyud(tmp_path, "mat", n_train=1, n_val=1)
+    path = tmp_path / "NYUD_MT/depth/img_5001.mat"
+    path.write_bytes(b"\x00" * 200)
+    ds = open_dense("nyud", tmp_path, "train", image_size=(12, 16))
+    with pytest.raises(ValueError, match=r"img_5001.mat: cannot be read as a MATLAB"):
+        ds[0]
+
+
+@pytest.mark.parametrize("name", ["nyuv2-mtan", "cityscapes"])
+def test_mtan_never_writes_into_the_root(tmp_path: Path, name: str) -> None:
+    fakes.write_mtan(tmp_path, name, n_train=2, n_val=1)
+    before = snapshot(tmp_path)
+    for split in ("train", "val"):
+        ds = open_dense(name, tmp_path, split)
+        for i in range(len(ds)):
+            ds[i]
+    assert snapshot(tmp_path) == before

@@ -208,3 +208,13 @@ def test_batches_pool_like_one_batch() -> None:
                      {k: v[i : i + 1] for k, v in target.items()})  # fmt: skip
     a, b = whole.compute(), parts.compute()
     assert a == pytest.approx(b, rel=1e-12, nan_ok=True)
+
+
+def test_inputs_of_the_wrong_kind_are_named() -> None:
+    m = DenseMetrics(NYUD)
+    with pytest.raises(TypeError, match="pred must be a mapping"):
+        m.update([torch.zeros(1)], {})  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"target\['depth'\] must be a Tensor, got list"):
+        m.update({"depth": torch.zeros(1, 1, 2, 2)}, {"depth": [0.0]})  # type: ignore[dict-item]
+    with pytest.raises(ValueError, match=r"pred\['normals'\] and target\['normals'\] must both"):
+        m.update({"normals": torch.zeros(1, 2, 2, 2)}, {"normals": torch.zeros(1, 3, 2, 2)})

@@ -248,9 +248,18 @@ class DenseMetrics:
     @torch.no_grad()
     def update(self, pred: Mapping[str, Tensor], target: Mapping[str, Tensor]) -> None:
         """Add one batch."""
+        for name, table in (("pred", pred), ("target", target)):
+            if not isinstance(table, Mapping):
+                raise TypeError(
+                    f"{name} must be a mapping task -> Tensor, got {type(table).__name__}"
+                )
         for task, meter in self._meters.items():
             if task not in pred or task not in target:
                 continue
+            for name, table in (("pred", pred), ("target", target)):
+                if not isinstance(table[task], Tensor):
+                    kind = type(table[task]).__name__
+                    raise TypeError(f"{name}[{task!r}] must be a Tensor, got {kind}")
             p, t = pred[task].detach(), target[task].detach()
             if isinstance(meter, _Confusion):
                 meter.update(*_classes(p, t, task))

@@ -20,35 +20,49 @@ from mtl.data.spec import DenseDatasetSpec
 from mtl.data.transforms import RecipeTransform, Sample, resize, sample_generator
 
 
+def _unreadable(path: Path, what: str, err: Exception) -> ValueError:
+    return ValueError(f"{path}: cannot be read as {what} ({type(err).__name__}: {err})")
+
+
 def read_rgb(path: Path) -> np.ndarray:
     """An image file as ``uint8 [H, W, 3]``."""
     from PIL import Image
 
-    with Image.open(path) as img:
-        return np.asarray(img.convert("RGB")).copy()
+    try:
+        with Image.open(path) as img:
+            return np.asarray(img.convert("RGB")).copy()
+    except (OSError, ValueError, SyntaxError) as err:  # PIL's errors for damaged files
+        raise _unreadable(path, "an image", err) from err
 
 
 def read_png(path: Path) -> np.ndarray:
     """A label PNG as stored: ``[H, W]`` indices for grey/palette images, ``[H, W, C]`` else."""
     from PIL import Image
 
-    with Image.open(path) as img:
-        return np.asarray(img).copy()
+    try:
+        with Image.open(path) as img:
+            return np.asarray(img).copy()
+    except (OSError, ValueError, SyntaxError) as err:
+        raise _unreadable(path, "an image", err) from err
 
 
 def read_npy(path: Path) -> np.ndarray:
     """A ``.npy`` array (no pickles)."""
     try:
         return np.load(path, allow_pickle=False)
-    except ValueError as err:
-        raise ValueError(f"{path}: not a plain .npy array ({err})") from err
+    except (OSError, ValueError, EOFError) as err:
+        raise _unreadable(path, "a plain .npy array", err) from err
 
 
 def read_mat(path: Path) -> dict[str, Any]:
     """A MATLAB ``.mat`` file, structs as attribute objects, singleton dims squeezed."""
     import scipy.io
+    from scipy.io.matlab import MatReadError
 
-    return dict(scipy.io.loadmat(path, squeeze_me=True, struct_as_record=False))
+    try:
+        return dict(scipy.io.loadmat(path, squeeze_me=True, struct_as_record=False))
+    except (MatReadError, OSError, ValueError, TypeError, NotImplementedError) as err:
+        raise _unreadable(path, "a MATLAB .mat file", err) from err
 
 
 def mat_array(path: Path, key: str) -> np.ndarray:

@@ -13,8 +13,8 @@ Human parts: the parts of every person (class 15) grouped into background, head,
 upper arm, lower arm, upper leg, lower leg (`PART_GROUPS`); person pixels covered by no
 named part are ignore (our reading); an image without a person is entirely ignore.
 Normals are kept only where ``LabelMap`` is one of `NORMALS_CLASSES` (context classes that
-NYUD also has, plus tvmonitor; *unconfirmed*, the reference ships its own table), looked up by
-name in the dataset's ``labels.txt`` (``"id: name"`` lines) or given as ids
+NYU Depth V2 also names, plus tvmonitor; *unconfirmed*, the reference ships its own table),
+looked up by name in the dataset's ``labels.txt`` (``"id: name"`` lines) or given as ids
 (``normals_classes=``); elsewhere the normals are invalid (zero). Edges: ``|Laplacian(LabelMap)|
 > 0`` (4-neighbour, mirrored border), thinned to one pixel (Zhang–Suen, *ours*: the reference's
 thinning may differ by a pixel; lines lose their end pixel at the image border).
@@ -59,12 +59,15 @@ PART_GROUPS: dict[str, int] = {
     **dict.fromkeys(("luleg", "ruleg"), 5),
     **dict.fromkeys(("llleg", "rlleg", "lfoot", "rfoot"), 6),
 }
-# PASCAL-Context class names that NYUD-v2's 40 classes also have, plus tvmonitor (*unconfirmed*).
+# PASCAL-Context class names that NYU Depth V2's labels also name (its 40 classes and its
+# object list), plus tvmonitor: our own list, *unconfirmed* (the reference ships its table).
+# Names absent from a dataset's labels.txt are skipped.
 NORMALS_CLASSES = (
-    "bag", "bed", "bench", "book", "bookshelf", "bottle", "box", "cabinet", "ceiling", "chair",
-    "clock", "computer", "cup", "curtain", "door", "fence", "floor", "keyboard", "light",
-    "mirror", "pillow", "plate", "shelves", "sink", "sofa", "table", "toilet", "tvmonitor",
-    "wall", "window",
+    "bag", "bathtub", "bed", "bench", "blinds", "book", "bookshelf", "bottle", "box",
+    "cabinet", "ceiling", "chair", "clock", "cloth", "computer", "counter", "cup", "curtain",
+    "desk", "door", "dresser", "fence", "floor", "keyboard", "lamp", "light", "mat", "mirror",
+    "paper", "person", "picture", "pillow", "plate", "refrigerator", "shelves", "sink", "sofa",
+    "table", "toilet", "towel", "tvmonitor", "wall", "whiteboard", "window",
 )  # fmt: skip
 LABELS_FILES = ("pascal-context/labels.txt", "labels.txt")
 
