@@ -1,6 +1,6 @@
 """Whole training step on the dense multi-task model: time, peak memory and Phase 2's share.
 
-The model is `python/dense_models.DenseMultiTaskNet` (a ResNet-18 or ResNet-50 backbone at
+The model is `python/mtl/models/dense.DenseMultiTaskNet` (a ResNet-18 or ResNet-50 backbone at
 full width, converted with `cs_kernels.task_norms`, and one dense head per task), trained on
 one fixed random batch with SGD (momentum 0.9). For each backbone and task count ``T`` it
 times one training step of every method:
@@ -105,7 +105,7 @@ def synchronize(device: torch.device) -> None:
 
 
 def build(args: argparse.Namespace, device: torch.device):  # type: ignore[no-untyped-def]
-    from dense_models import DenseMultiTaskNet, dense_loss, random_batch
+    from mtl.models.dense import DenseMultiTaskNet, dense_loss, random_batch
 
     tasks = list(TASK_NAMES[: args.tasks])
     torch.manual_seed(args.seed)

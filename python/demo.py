@@ -125,9 +125,9 @@ def show_benchmark(device: torch.device, tasks: int, quick: bool) -> None:
 def train_demo(device: torch.device, quick: bool, epochs: int | None, out: Path) -> Path:
     """Train MultiDigits with ours (mixed) and GD; print metrics, write PNGs and JSON."""
     sys.path.insert(0, str(HERE))
-    from mtl_plots import plot_curves
-    from mtl_train import WARMUP_STEPS, TrainConfig, total_batches, train_run, warm_up
-    from multidigits import DEFAULT_TASKS, TASKS, make_multidigits
+    from mtl.data.multidigits import DEFAULT_TASKS, TASKS, make_multidigits
+    from mtl.plots import plot_curves
+    from mtl.train import WARMUP_STEPS, TrainConfig, total_batches, train_run, warm_up
 
     tasks = list(DEFAULT_TASKS)
     sizes = (256, 128, 128) if quick else (4096, 1024, 2048)

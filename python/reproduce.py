@@ -1,10 +1,10 @@
 """Reproduce the paper's comparison on a benchmark: Δm of every method over 3 seeds.
 
-Benchmarks (``--benchmark``, `mtl_benchmarks`): ``multidigits`` (the default; two digit
+Benchmarks (``--benchmark``, `mtl.benchmarks`): ``multidigits`` (the default; two digit
 classes and a reconstruction) and ``scenes`` (segmentation, depth and surface normals of
 rendered rooms, on the dense multi-task ResNet).
 
-Methods (``mtl_methods.METHODS``): single-task models, GD (plain sum), PCGrad, CAGrad, MGDA,
+Methods (``mtl.methods.METHODS``): single-task models, GD (plain sum), PCGrad, CAGrad, MGDA,
 Aligned-MTL (from ``torchjd``), and ours: Phase 1 only, Phase 2 only, and mixed (the paper's
 schedule); on Scenes also GD and ours (mixed) with uncertainty weighting (``gd_uw``,
 ``ours_mixed_uw``). Every method trains the same model from the same initialisation, on the
@@ -41,10 +41,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from mtl_benchmarks import BENCHMARKS, Benchmark, get_benchmark
-from mtl_methods import BASELINES, METHODS, SCALED_METHODS
-from mtl_metrics import arrow, delta_m, evaluate, lower_is_better, mean_std, relative_change
-from mtl_train import (
+from mtl.benchmarks import BENCHMARKS, Benchmark, get_benchmark
+from mtl.methods import BASELINES, METHODS, SCALED_METHODS
+from mtl.metrics import arrow, delta_m, evaluate, lower_is_better, mean_std, relative_change
+from mtl.train import (
     WARMUP_STEPS,
     RunResult,
     TrainConfig,

@@ -1,4 +1,5 @@
-"""The dense multi-task model (python/dense_models.py) and its backbones (python/backbones.py)."""
+"""The dense multi-task model (python/mtl/models/dense.py) and its backbones
+(python/mtl/models/backbones.py)."""
 
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ import cs_kernels as ck
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "python"))
 
-from backbones import HRNetLite, feature_channels, resnet18, resnet50
-from dense_models import (
+from mtl.models.backbones import HRNetLite, feature_channels, resnet18, resnet50
+from mtl.models.dense import (
     IGNORE_INDEX,
     DenseMultiTaskNet,
     dense_loss,

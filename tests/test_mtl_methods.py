@@ -1,4 +1,4 @@
-"""Training steps of every method (python/mtl_methods.py) on a tiny MultiDigits model."""
+"""Training steps of every method (python/mtl/methods.py) on a tiny MultiDigits model."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from torchjd.aggregation import MGDA, PCGrad, Sum
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "python"))
 
-from mtl_methods import (
+from mtl.data.multidigits import DEFAULT_TASKS, make_multidigits
+from mtl.methods import (
     METHODS,
     SCALED_METHODS,
     AggregatorStep,
@@ -24,8 +25,7 @@ from mtl_methods import (
     make_step,
     parse_method,
 )
-from mtl_models import MultiDigitsNet, task_loss
-from multidigits import DEFAULT_TASKS, make_multidigits
+from mtl.models.multidigits import MultiDigitsNet, task_loss
 
 TASKS = list(DEFAULT_TASKS)
 
@@ -278,8 +278,8 @@ def test_each_step_gets_its_own_log_variance_gradient(
 ) -> None:
     """Phase 2 zeroes only the model's gradients: the harness must zero the log-variances'
     before every step, or their gradients pile up across steps."""
-    import mtl_train
-    from mtl_train import TrainConfig, train_run
+    from mtl import train as mtl_train
+    from mtl.train import TrainConfig, train_run
 
     data = make_multidigits(0, train_size=64, val_size=16, test_size=16)
     seen: list[tuple[Tensor, Tensor, dict[str, Tensor], int]] = []

@@ -1,4 +1,4 @@
-"""MultiDigits (python/multidigits.py) and its model (python/mtl_models.py)."""
+"""MultiDigits (python/mtl/data/multidigits.py) and its model (python/mtl/models/multidigits.py)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "python"))
 
-from mtl_models import MultiDigitsNet, predict, task_loss
-from multidigits import (
+from mtl.data.multidigits import (
     CANVAS,
     DEFAULT_TASKS,
     DIGIT,
@@ -20,6 +19,7 @@ from multidigits import (
     TASKS,
     make_multidigits,
 )
+from mtl.models.multidigits import MultiDigitsNet, predict, task_loss
 
 SIZES = {"train_size": 96, "val_size": 32, "test_size": 48}
 

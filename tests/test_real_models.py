@@ -2,7 +2,8 @@
 
 Runs wherever torchvision / timm import (the GPU machines; here `make test-models`, which
 sets CS_KERNELS_REQUIRE_MODELS=1 so that a library that does not import fails instead of
-skipping). The structural replicas in tests/model_replicas.py and python/backbones.py cover
+skipping). The structural replicas in tests/model_replicas.py and
+python/mtl/models/backbones.py cover
 the same ground in every run; the first tests here check that the ResNet replica is faithful.
 """
 
@@ -21,7 +22,7 @@ import cs_kernels as ck
 from tests.model_libraries import REQUIRED, load
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "python"))
-import backbones
+from mtl.models import backbones
 
 TASKS = ["seg", "depth"]
 
@@ -229,4 +230,42 @@ def test_timm_vit_pre_norm_blocks() -> None:
     assert links == expected
     y = {t: torch.randint(0, 2, (2,)) for t in TASKS}
     cs.phase2_backward(lambda t: nn.functional.cross_entropy(model(x, t), y[t]))
+    assert all(p.grad is not None for p in cs.shared_parameters)
+
+
+@pytest.mark.parametrize(("name", "lib"), [("resnet18", "torchvision"), ("hrnet18", "timm")])
+def test_train_dense_backbones_from_the_libraries(name: str, lib: str, tmp_path: Path) -> None:
+    """train_dense.py's library backbones: built without downloading, a saved checkpoint
+    loaded back (its classifier ignored), four scales, and a Phase 2 step on the dense net."""
+    from mtl.models.dense import DenseMultiTaskNet
+    from mtl.models.zoo import make_backbone
+
+    library(lib)
+    torch.manual_seed(0)
+    net, origin = make_backbone(name)
+    assert origin == lib
+    if lib == "timm":
+        assert net.feature_channels == [18, 36, 72, 144]
+        full = library("timm").create_model("hrnet_w18", pretrained=False)
+        state = full.state_dict()  # incl. incre/downsamp modules and the classifier
+    else:
+        state = library("torchvision").models.resnet18(weights=None).state_dict()
+    path = tmp_path / f"{name}.pth"
+    torch.save(state, path)
+    loaded, _ = make_backbone(name, weights=path)
+    target = loaded.net if lib == "timm" else loaded
+    for key, value in target.state_dict().items():
+        assert torch.equal(value, state[key]), key
+    model = DenseMultiTaskNet(
+        TASKS, backbone=loaded, kinds={"seg": "segment", "depth": "depth"}, outputs={"seg": 3},
+        head_width=8,
+    )  # fmt: skip
+    x = torch.randn(2, 3, 64, 64)
+    y = torch.randint(0, 3, (2, 64, 64))
+    cs = ck.ConnectionStrength(model, TASKS, x)
+    losses = {
+        "seg": lambda: nn.functional.cross_entropy(model(x, task="seg"), y),
+        "depth": lambda: model(x, task="depth").abs().mean(),
+    }
+    cs.phase2_backward(lambda t: losses[t]())
     assert all(p.grad is not None for p in cs.shared_parameters)

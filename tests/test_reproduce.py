@@ -1,4 +1,4 @@
-"""Metrics, Δm and the reproduction harness (python/mtl_metrics.py, mtl_train.py, reproduce.py)."""
+"""Metrics, Δm and the reproduction harness (python/mtl/metrics.py, mtl/train.py, reproduce.py)."""
 
 from __future__ import annotations
 
@@ -12,17 +12,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "python"))
 
-import mtl_train
 import reproduce
-from mtl_methods import METHODS
-from mtl_metrics import (
+from mtl import train as mtl_train
+from mtl.data.multidigits import DEFAULT_TASKS, make_multidigits
+from mtl.methods import METHODS
+from mtl.metrics import (
     TaskMeter,
     delta_m,
     lower_is_better,
     mean_std,
     relative_change,
 )
-from mtl_train import (
+from mtl.train import (
     WARMUP_STEPS,
     RunResult,
     StepTimer,
@@ -32,7 +33,6 @@ from mtl_train import (
     train_run,
     warm_up,
 )
-from multidigits import DEFAULT_TASKS, make_multidigits
 
 LOWER = {"left": False, "right": False, "clean": True}
 
@@ -113,8 +113,8 @@ def test_task_meters_match_hand_computed_values() -> None:
 
 
 def test_dense_meters_match_hand_computed_values() -> None:
-    from mtl_data import TaskSpec
-    from mtl_metrics import MeanIoU
+    from mtl.data.base import TaskSpec
+    from mtl.metrics import MeanIoU
 
     seg = TaskSpec("seg", "segment", "miou", lower_is_better=False, classes=3)
     meter = TaskMeter("seg", seg)

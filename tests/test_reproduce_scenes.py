@@ -1,5 +1,5 @@
 """The Scenes reproduction: python/reproduce.py --benchmark scenes on tiny data, its model
-adapter (python/scenes_model.py) and its report, figure and budget estimate."""
+adapter (python/mtl/models/scenes.py) and its report, figure and budget estimate."""
 
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "python"))
 
 import reproduce
-import scenes
-import scenes_model
-from mtl_benchmarks import get_benchmark
-from mtl_train import TrainConfig, train_run
+from mtl.benchmarks import get_benchmark
+from mtl.data import scenes
+from mtl.models import scenes as scenes_model
+from mtl.train import TrainConfig, train_run
 
 METHODS = ["single", "gd", "pcgrad", "ours_mixed", "ours_mixed_uw"]
 TASKS = list(scenes.DEFAULT_TASKS)

@@ -1,4 +1,4 @@
-"""Scenes (python/scenes.py): the ray caster's geometry, determinism, splits and cache."""
+"""Scenes (python/mtl/data/scenes.py): the ray caster's geometry, determinism, splits and cache."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "python"))
 
-import scenes
-from scenes import (
+from mtl.data import scenes
+from mtl.data.scenes import (
     BOX,
     CEILING,
     CLASSES,

@@ -18,7 +18,7 @@ from cs_kernels.training.per_task_norms import TaskNorm, TaskScopeError, task_no
 from tests import model_replicas as mr
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "python"))
-from backbones import HRNetLite, resnet18, resnet50
+from mtl.models.backbones import HRNetLite, resnet18, resnet50
 
 TASKS = ["seg", "depth", "normal"]
 

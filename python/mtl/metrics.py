@@ -15,10 +15,11 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
-from mtl_data import Split, TaskSpec
-from mtl_models import predict as multidigits_predict
-from multidigits import TASKS
 from torch import Tensor, nn
+
+from mtl.data.base import Split, TaskSpec
+from mtl.data.multidigits import TASKS
+from mtl.models.multidigits import predict as multidigits_predict
 
 Predict = Callable[[str, Tensor], Tensor]  # (task, head output) -> prediction
 

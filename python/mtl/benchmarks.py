@@ -1,6 +1,6 @@
 """The benchmarks the training harness knows: data, model, losses and metrics behind one record.
 
-``mtl_train`` and ``reproduce.py`` run every method on a `Benchmark`; each benchmark says how to
+`mtl.train` and ``reproduce.py`` run every method on a `Benchmark`; each benchmark says how to
 build its splits (``make_data``), its model (``build_model``: a ``forward(x, task=...)`` model
 with ``shared_parameters()``), each task's training loss and prediction, and how each task is
 scored (``specs``). Two are registered:
@@ -8,9 +8,9 @@ scored (``specs``). Two are registered:
 ==============  ==================================================================  =========
 name            tasks                                                               data
 ==============  ==================================================================  =========
-``multidigits`` two digit classes and a reconstruction (python/multidigits.py)      in memory
+``multidigits`` two digit classes and a reconstruction (mtl/data/multidigits.py)        in memory
 ``scenes``      segmentation, depth, surface normals of rendered rooms              disk cache
-                (python/scenes.py, model python/scenes_model.py)
+                (mtl/data/scenes.py, model mtl/models/scenes.py)
 ==============  ==================================================================  =========
 """
 
@@ -21,8 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mtl_data import Split, TaskSpec
 from torch import Tensor, nn
+
+from mtl.data.base import Split, TaskSpec
 
 
 @dataclass(frozen=True)
@@ -30,7 +31,7 @@ class Benchmark:
     """One benchmark's data, model, losses and metrics.
 
     ``make_data(seed, sizes, resolution)`` returns an object with ``train``/``val``/``test``
-    `mtl_data.Split` attributes and ``to(device)``; ``resolution`` is ``None`` where the data
+    `mtl.data.base.Split` attributes and ``to(device)``; ``resolution`` is ``None`` where the data
     has one fixed size. ``build_model(tasks, width)`` returns the multi-task model and
     ``describe_model(tasks, width)`` names it for reports. ``plot_predictions(split, tasks,
     {label: {task: predictions}}, path)``, where given, draws the first examples of ``split``
@@ -54,8 +55,8 @@ class Benchmark:
 
 
 def _multidigits() -> Benchmark:
-    from mtl_models import MultiDigitsNet, predict, task_loss
-    from multidigits import DEFAULT_TASKS, TASKS, check_tasks, make_multidigits
+    from mtl.data.multidigits import DEFAULT_TASKS, TASKS, check_tasks, make_multidigits
+    from mtl.models.multidigits import MultiDigitsNet, predict, task_loss
 
     def make_data(seed: int, sizes: tuple[int, int, int], resolution: int | None) -> Any:
         if resolution is not None:
@@ -80,9 +81,9 @@ def _multidigits() -> Benchmark:
 
 
 def _scenes() -> Benchmark:
-    from mtl_plots import plot_dense_predictions
-    from scenes import CLASSES, DEFAULT_TASKS, TASKS, check_tasks, make_scenes
-    from scenes_model import build_scenes_model, describe_scenes_model, predict, task_loss
+    from mtl.data.scenes import CLASSES, DEFAULT_TASKS, TASKS, check_tasks, make_scenes
+    from mtl.models.scenes import build_scenes_model, describe_scenes_model, predict, task_loss
+    from mtl.plots import plot_dense_predictions
 
     def make_data(seed: int, sizes: tuple[int, int, int], resolution: int | None) -> Any:
         return make_scenes(seed, *sizes, resolution=resolution or 64)

@@ -30,8 +30,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from mtl_data import Split, Splits, TaskSpec
 from torch import Tensor
+
+from mtl.data.base import Split, Splits, TaskSpec
 
 DIGIT = 16  # side of one upsampled digit
 SHIFT = 4  # offset of the right digit, down and right
@@ -48,9 +49,9 @@ TASKS: dict[str, TaskSpec] = {
 DEFAULT_TASKS = ("left", "right", "clean")
 NUM_CLASSES = 10
 
-# A split (mtl_data.Split): ``images [n, 1, 20, 20]`` float32 in [0, 1]; ``targets["left"]`` and
-# ``["right"]``: int64 ``[n]`` in 0..9; ``targets["clean"]``: float32 ``[n, 1, 20, 20]``;
-# ``targets["mask"]``: float32 ``[n, 1, 20, 20]`` of 0s and 1s.
+# A split (mtl.data.base.Split): ``images [n, 1, 20, 20]`` float32 in [0, 1];
+# ``targets["left"]`` and ``["right"]``: int64 ``[n]`` in 0..9; ``targets["clean"]``: float32
+# ``[n, 1, 20, 20]``; ``targets["mask"]``: float32 ``[n, 1, 20, 20]`` of 0s and 1s.
 
 
 @dataclass(frozen=True)

@@ -46,8 +46,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from mtl_data import SPLITS, Split, Splits, TaskSpec
 from torch import Tensor
+
+from mtl.data.base import SPLITS, Split, Splits, TaskSpec
 
 CLASSES = ("floor", "wall", "ceiling", "box", "sphere", "cylinder")
 FLOOR, WALL, CEILING, BOX, SPHERE, CYLINDER = range(len(CLASSES))

@@ -6,7 +6,7 @@ surface normals).
                               width=16)
     out = model(images, task="depth")  # [B, 1, H, W]
 
-The backbone is written without tasks (ours in ``backbones.py``, or a torchvision / timm
+The backbone is written without tasks (ours in `mtl.models.backbones`, or a torchvision / timm
 ResNet passed in, pretrained or not): `cs_kernels.task_norms` gives each of its norms one copy
 per task, and the forward runs it inside `cs_kernels.task_scope`, so every shared conv is
 followed by a BatchNorm of each task's own, as in the paper (Jeong & Yoon use ResNet/HRNet
@@ -27,6 +27,8 @@ segment    ``[B, classes, H, W]``      cross-entropy, pixels labelled ``IGNORE_I
 depth      ``[B, 1, H, W]``            L1 over pixels with depth > 0
 normal     ``[B, 3, H, W]``            L1 between unit vectors, pixels with a zero target
                                        normal skipped (the prediction is normalised first)
+binary     ``[B, 1, H, W]`` logits     binary cross-entropy, pixels labelled ``IGNORE_INDEX``
+                                       skipped (edges, saliency)
 =========  ==========================  ======================================================
 """
 
@@ -36,15 +38,15 @@ from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
-from backbones import HRNetLite, backbone_features, feature_channels, resnet18, resnet50
 from torch import Tensor, nn
 
 import cs_kernels as ck
 from cs_kernels.training.per_task_norms import check_tasks
+from mtl.models.backbones import HRNetLite, backbone_features, feature_channels, resnet18, resnet50
 
 DEFAULT_TASKS = ("seg", "depth", "normal")
 TASK_KINDS = {"seg": "segment", "depth": "depth", "normal": "normal"}
-KINDS = ("segment", "depth", "normal")
+KINDS = ("segment", "depth", "normal", "binary")
 IGNORE_INDEX = 255
 BACKBONES = ("resnet18", "resnet50", "hrnet")
 
@@ -107,6 +109,8 @@ class DenseMultiTaskNet(nn.Module):
         width, layers: shape of a named backbone (see `build_backbone`).
         head_width: channels of each head's fused map.
         kinds: ``{task: kind}`` for task names outside ``TASK_KINDS``.
+        outputs: ``{task: channels}`` overriding a task's output channels (e.g. each
+            segmentation task's own number of classes); default from its kind.
 
     ``forward(x: [B, 3, H, W], task) -> [B, C_task, H, W]``.
     """
@@ -121,6 +125,7 @@ class DenseMultiTaskNet(nn.Module):
         layers: Sequence[int] | None = None,
         head_width: int = 64,
         kinds: Mapping[str, str] | None = None,
+        outputs: Mapping[str, int] | None = None,
     ) -> None:
         super().__init__()
         names = check_tasks(tasks)
@@ -142,9 +147,16 @@ class DenseMultiTaskNet(nn.Module):
         if isinstance(getattr(net, "fc", None), nn.Module):
             net.fc = nn.Identity()
         self.backbone = ck.task_norms(net, names)
-        outputs = {"segment": num_classes, "depth": 1, "normal": 3}
+        per_kind = {"segment": num_classes, "depth": 1, "normal": 3, "binary": 1}
+        channels_out = {t: per_kind[self.kinds[t]] for t in names}
+        for t, count in (outputs or {}).items():
+            if t not in channels_out or isinstance(count, bool) or not isinstance(count, int):
+                raise ValueError(f"outputs[{t!r}] must be an int for one of {list(names)}")
+            if count < 1:
+                raise ValueError(f"outputs[{t!r}] must be >= 1, got {count}")
+            channels_out[t] = count
         self.heads = nn.ModuleDict(
-            {t: DenseHead(channels, head_width, outputs[self.kinds[t]]) for t in names}
+            {t: DenseHead(channels, head_width, channels_out[t]) for t in names}
         )
 
     def forward(self, x: Tensor, task: str) -> Tensor:
@@ -192,6 +204,13 @@ def dense_loss(kind: str, output: Tensor, target: Tensor) -> Tensor:
         valid = (target.abs().sum(dim=1, keepdim=True) > 0).to(output.dtype)
         unit = F.normalize(output, dim=1)
         return ((unit - target).abs() * valid).sum() / (3.0 * valid.sum().clamp_min(1.0))
+    if kind == "binary":
+        target = target.view_as(output)
+        valid = (target != IGNORE_INDEX).to(output.dtype)
+        bce = F.binary_cross_entropy_with_logits(
+            output, target.to(output.dtype) * valid, reduction="none"
+        )
+        return (bce * valid).sum() / valid.sum().clamp_min(1.0)
     raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
 
 
@@ -203,6 +222,8 @@ def predict(kind: str, output: Tensor) -> Tensor:
         return output.clamp_min(0.0)
     if kind == "normal":
         return F.normalize(output, dim=1)
+    if kind == "binary":
+        return torch.sigmoid(output)
     raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
 
 
@@ -219,6 +240,8 @@ def random_batch(
             targets[t] = torch.randint(0, num_classes, (batch, size, size), generator=gen)
         elif kind == "depth":
             targets[t] = torch.rand(batch, 1, size, size, generator=gen) * 5 + 0.5
+        elif kind == "binary":
+            targets[t] = torch.randint(0, 2, (batch, 1, size, size), generator=gen).float()
         else:
             targets[t] = F.normalize(torch.randn(batch, 3, size, size, generator=gen), dim=1)
     return x, targets

@@ -21,8 +21,9 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 
 import torch.nn.functional as F
-from multidigits import NUM_CLASSES, TASKS, check_tasks
 from torch import Tensor, nn
+
+from mtl.data.multidigits import NUM_CLASSES, TASKS, check_tasks
 
 
 class SharedBlock(nn.Module):

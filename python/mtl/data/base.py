@@ -24,7 +24,7 @@ class TaskSpec:
     """What one task predicts and how it is scored.
 
     ``metric`` is the task's figure in Δm; ``extra_metrics`` are reported beside it. Metric
-    names are those of `mtl_metrics.METRICS`. ``classes``: the number of classes of a
+    names are those of `mtl.metrics.METRICS`. ``classes``: the number of classes of a
     per-pixel classification task (0 otherwise).
     """
 

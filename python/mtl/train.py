@@ -1,10 +1,10 @@
 """The shared training harness of demo.py and reproduce.py: one method, one seed, one run.
 
-A run trains on one benchmark (`mtl_benchmarks.Benchmark`: MultiDigits by default, or Scenes).
+A run trains on one benchmark (`mtl.benchmarks.Benchmark`: MultiDigits by default, or Scenes).
 Every method gets the same model (the benchmark's), initialisation (``torch.manual_seed``),
 batch order, optimizer (Adam), learning rate and number of epochs. ``single`` trains one
 single-task model per task under the same budget and reports each on its own task. A method
-ending in ``_uw`` scales the losses by uncertainty weighting (`mtl_methods.parse_method`); its
+ending in ``_uw`` scales the losses by uncertainty weighting (`mtl.methods.parse_method`); its
 log-variances join the optimizer.
 
 Timing. A run reports two figures, and they measure different things:
@@ -27,17 +27,19 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from mtl_benchmarks import Benchmark, get_benchmark
-from mtl_data import Split
-from mtl_methods import TrainStep, UncertaintyWeighting, make_step, parse_method
-from mtl_metrics import evaluate, evaluate_all
 from torch import Tensor, nn
 
-Data = Any  # a benchmark's splits: ``.train``, ``.val``, ``.test`` (`mtl_data.Split`)
+from mtl.benchmarks import Benchmark, get_benchmark
+from mtl.data.base import Split
+from mtl.methods import TrainStep, UncertaintyWeighting, make_step, parse_method
+from mtl.metrics import evaluate, evaluate_all
+from mtl.results import RunResult
+
+Data = Any  # a benchmark's splits: ``.train``, ``.val``, ``.test`` (`mtl.data.base.Split`)
 
 Progress = Callable[[int], None]  # called with the number of batches just done
 Clock = Callable[[], float]  # seconds, monotonic
@@ -79,42 +81,6 @@ class TrainConfig:
         if steps < 1:
             raise ValueError(f"batch_size {self.batch_size} exceeds the {size} training examples")
         return steps
-
-
-@dataclass
-class RunResult:
-    """What one (method, seed) run produced.
-
-    ``test``/``val``: final metric per task; ``history``: per epoch, the mean training loss
-    per task (``loss``) and the validation metrics (``val``); ``wall_s``: the whole run
-    (model construction, all steps, validation and evaluation); ``step_ms``: quartiles
-    ``(q1, median, q3)`` of the time of one training step, over ``timed_steps`` steps after
-    the first ``warmup_steps`` of each model (see the module docstring);
-    ``optimizer_steps``: ``optimizer.step()`` calls (summed over the models of ``single``);
-    ``test_all``: every metric of every task on the test split (the primary one first);
-    ``loss_scales``: for a ``_uw`` method, the final factor of each task's loss.
-    """
-
-    method: str
-    seed: int
-    tasks: list[str]
-    test: dict[str, float]
-    val: dict[str, float]
-    wall_s: float
-    optimizer_steps: int
-    history: list[dict[str, dict[str, float]]] = field(default_factory=list)
-    step_ms: tuple[float, float, float] = (float("nan"),) * 3
-    timed_steps: int = 0
-    warmup_steps: int = 0
-    test_all: dict[str, dict[str, float]] = field(default_factory=dict)
-    loss_scales: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def step_ms_median(self) -> float:
-        return self.step_ms[1]
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 class StepTimer:

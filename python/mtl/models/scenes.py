@@ -1,13 +1,13 @@
 """The Scenes benchmark's model, losses and predictions, on the dense multi-task network.
 
-The model is `dense_models.DenseMultiTaskNet` (the paper's architecture, small): a ResNet
+The model is `mtl.models.dense.DenseMultiTaskNet` (the paper's architecture, small): a ResNet
 backbone whose every BatchNorm is made per task by `cs_kernels.task_norms`, so each shared conv
 is followed by a BatchNorm of each task's own, and one multi-scale dense head per task. The
 reproduction shrinks it to fit its CPU budget: ``BACKBONE`` with ``LAYERS`` blocks per stage,
 first-stage width ``width`` (channels ``w, 2w, 4w, 8w``), heads of ``HEAD_WIDTH_FACTOR * w``
 channels. A single-task baseline is the same network built with one task.
 
-Losses (`dense_models.dense_loss`): cross-entropy for ``seg``, L1 in metres for ``depth``, L1
+Losses (`mtl.models.dense.dense_loss`): cross-entropy for ``seg``, L1 in metres for ``depth``, L1
 between unit vectors (mean over the 3 components) for ``normal``. The depth head's output is
 read as metres relative to ``DEPTH_SHIFT`` (the depth ``output + DEPTH_SHIFT``): a head starts
 near 0, and Adam's steps of about ``lr`` would otherwise spend thousands of steps moving its
@@ -18,10 +18,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from dense_models import DenseMultiTaskNet, dense_loss
-from dense_models import predict as dense_predict
-from scenes import CLASSES, TASKS, check_tasks
 from torch import Tensor
+
+from mtl.data.scenes import CLASSES, TASKS, check_tasks
+from mtl.models.dense import DenseMultiTaskNet, dense_loss
+from mtl.models.dense import predict as dense_predict
 
 BACKBONE = "resnet18"
 DEPTH_SHIFT = 2.5  # metres: about the mean depth of the rendered scenes

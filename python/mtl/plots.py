@@ -11,10 +11,11 @@ import torch
 matplotlib.use("Agg")  # no display needed; must precede pyplot
 import matplotlib.pyplot as plt
 from matplotlib.ticker import MaxNLocator
-from mtl_data import Split, TaskSpec
-from mtl_train import RunResult
-from multidigits import TASKS
 from torch import Tensor
+
+from mtl.data.base import Split, TaskSpec
+from mtl.data.multidigits import TASKS
+from mtl.results import RunResult
 
 
 def plot_curves(

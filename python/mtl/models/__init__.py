@@ -1,0 +1,2 @@
+"""Models: backbones (`backbones`), the dense multi-task network (`dense`) and each benchmark's
+model adapter (`multidigits`, `scenes`)."""
