@@ -51,6 +51,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cs_kernels import available_backends
 from cs_kernels._device import device_name
 from cs_kernels.training import ConnectionStrength
 
@@ -276,8 +277,83 @@ def median_ms(fn: Callable[[], object], world: int, repeats: int = 5) -> float:
     return statistics.median(times)
 
 
+def spread_ms(times: list[float]) -> dict[str, float]:
+    """Median and spread (min, max) of wall times in ms."""
+    return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times)}
+
+
+def step_timings(cs: ConnectionStrength, world: int, repeats: int) -> dict[str, dict[str, float]]:
+    """The sharded Phase 2 of this rank's rows, before (the ``torch`` steps: vectorised
+    PyTorch) and after (the fused ``cpu`` steps), beside the floor (``grads.sum(0)`` of the
+    same local rows), in interleaved rounds: every round times each variant once, so that a
+    burst of load on the machine hits them all alike.
+
+    * ``combine/<backend>``: the whole sharded Phase 2 (`ShardedPhase2.combine`: norms,
+      Gram matrices, the all-reduce, priorities, coefficients, projection);
+    * ``steps/<backend>``: the two steps alone, ``channel_gram`` then ``apply_projection``
+      (coefficients and top tasks fixed, from this rank's Gram matrices);
+    * ``steps-fused-sum/<backend>``: the same with the plain sum taken in the Gram pass
+      (``channel_gram(out=)``) and the projection onto it (``out_holds_sum=True``).
+    """
+    from cs_kernels import apply_projection, channel_gram, projection_coefficients
+
+    sharded = cs._sharded
+    assert sharded is not None, "the model is not sharded"
+    grads, plan, out = cs.buffer.grads, sharded.plan, cs.buffer.out
+    top = cs.combine()[sharded.local_channels]
+    coef = projection_coefficients(channel_gram(grads, plan), plan, top, check=False)
+    scratch = torch.empty_like(out)
+    backends = ["torch", *(["cpu"] if "cpu" in available_backends("cpu") else [])]
+    saved = sharded.backend
+
+    def combine(backend: str) -> Callable[[], object]:
+        def run() -> None:
+            sharded.backend = backend
+            cs.combine()
+
+        return run
+
+    def steps(backend: str, fused_sum: bool) -> Callable[[], object]:
+        def run() -> None:
+            if fused_sum:
+                channel_gram(grads, plan, out=scratch, backend=backend)
+            else:
+                channel_gram(grads, plan, backend=backend)
+            apply_projection(
+                grads, plan, top, coef, out=scratch, out_holds_sum=fused_sum, backend=backend,
+                check=False,
+            )  # fmt: skip
+
+        return run
+
+    variants: dict[str, Callable[[], object]] = {"floor": lambda: torch.sum(grads, 0, out=scratch)}
+    for b in backends:
+        variants[f"combine/{b}"] = combine(b)
+        variants[f"steps/{b}"] = steps(b, False)
+        variants[f"steps-fused-sum/{b}"] = steps(b, True)
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    try:
+        for fn in variants.values():  # warm-up
+            dist.barrier()
+            fn()
+        for _ in range(repeats):
+            for name, fn in variants.items():
+                dist.barrier()
+                start = time.perf_counter()
+                fn()
+                times[name].append((time.perf_counter() - start) * 1e3)
+    finally:
+        sharded.backend = saved
+    return {name: spread_ms(t) for name, t in times.items()}
+
+
 def measure_variant(
-    variant: str, model_name: str, tasks: list[str], x: Tensor, y: dict[str, Tensor]
+    variant: str,
+    model_name: str,
+    tasks: list[str],
+    x: Tensor,
+    y: dict[str, Tensor],
+    repeats: int,
 ) -> dict[str, object]:
     from torch.distributed.fsdp import fully_shard
 
@@ -311,6 +387,7 @@ def measure_variant(
     entry["combine_ms"] = median_ms(cs.combine, world)
     entry["floor_ms"] = median_ms(lambda: torch.sum(cs.buffer.grads, 0, out=out), world)
     if variant == "fsdp":
+        entry["steps"] = step_timings(cs, world, repeats)
         ids = {id(p) for p in cs.shared_parameters}
         names = [n for n, p in model.named_parameters() if id(p) in ids]
         shared = unsharded_params(model, names)
@@ -319,7 +396,9 @@ def measure_variant(
     return entry
 
 
-def worker(rank: int, world: int, init: str, out: str, model_name: str, ntasks: int) -> None:
+def worker(
+    rank: int, world: int, init: str, out: str, model_name: str, ntasks: int, repeats: int
+) -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     tasks = [f"task{t}" for t in range(ntasks)]
@@ -327,7 +406,7 @@ def worker(rank: int, world: int, init: str, out: str, model_name: str, ntasks: 
     gen = torch.Generator().manual_seed(rank)
     x = torch.randn(2, 3, size, size, generator=gen)
     y = {t: torch.randint(0, 10, (2,), generator=gen) for t in tasks}
-    results = {v: measure_variant(v, model_name, tasks, x, y) for v in ("ddp", "fsdp")}
+    results = {v: measure_variant(v, model_name, tasks, x, y, repeats) for v in ("ddp", "fsdp")}
     torch.save(results, os.path.join(out, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
@@ -358,12 +437,17 @@ def main() -> None:
     parser.add_argument("--world", type=int, default=2)
     parser.add_argument("--tasks", type=int, default=3)
     parser.add_argument("--model", choices=["resnet50", "tiny"], default="resnet50")
+    parser.add_argument("--repeats", type=int, default=9, help="rounds of the step timings")
     parser.add_argument("--save", action="store_true")
     args = parser.parse_args()
     os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"  # for the workers: see `peak_memory`
     with tempfile.TemporaryDirectory() as tmp:
         init = f"file://{Path(tmp) / 'store'}"
-        mp.spawn(worker, args=(args.world, init, tmp, args.model, args.tasks), nprocs=args.world)
+        mp.spawn(
+            worker,
+            args=(args.world, init, tmp, args.model, args.tasks, args.repeats),
+            nprocs=args.world,
+        )
         ranks = [
             torch.load(Path(tmp) / f"rank{r}.pt", weights_only=False) for r in range(args.world)
         ]
@@ -398,6 +482,14 @@ def main() -> None:
                 f"params {entry['param_bytes'] / mb:.1f} MB, local N {entry['local_numel']:,}"
             )
             if variant == "fsdp":
+                steps = entry["steps"]
+                floor = steps["floor"]["median_ms"]
+                for name, t in steps.items():
+                    print(
+                        f"rank {rank} fsdp {name:26s} {t['median_ms']:8.2f} ms "
+                        f"[{t['min_ms']:.2f}, {t['max_ms']:.2f}] = "
+                        f"{t['median_ms'] / floor:5.2f}x the floor"
+                    )
                 m = entry["deferred"]
                 wire = ", ".join(f"{k} {v / mb:.2f} MB" for k, v in m["wire_bytes"].items())
                 print(
@@ -410,7 +502,7 @@ def main() -> None:
     if args.save:
         stamp = dt.datetime.now(dt.timezone.utc)
         slug = re.sub(r"[^a-z0-9]+", "-", where.lower()).strip("-")
-        name = f"fsdp-{slug}-{stamp:%Y-%m-%d}.json"
+        name = f"fsdp-{slug}-{stamp:%Y-%m-%d}-w{args.world}.json"
         RESULTS.mkdir(exist_ok=True)
         record = {
             "device": device_name(torch.device("cpu")),
@@ -419,6 +511,8 @@ def main() -> None:
             "model": args.model,
             "tasks": args.tasks,
             "world": args.world,
+            "repeats": args.repeats,
+            "threads_per_rank": max(1, (os.cpu_count() or 2) // args.world),
             "ranks": ranks,
             "analytic": model,
         }

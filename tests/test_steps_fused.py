@@ -17,7 +17,7 @@ from cs_kernels.backends import BACKENDS as BACKEND_TABLE
 from cs_kernels.backends import resolve_backend
 from cs_kernels.backends.base import Backend
 from tests.cases import CASES, MIXED, Case, normal_grads, one_layer, random_top
-from tests.conftest import DTYPES, FAST_BACKENDS, assert_close
+from tests.conftest import DTYPES, FAST_BACKENDS, TRITON_INTERPRETED, assert_close
 
 STEPS = ("channel_gram", "channel_gram_and_sum", "project", "project_onto_sum")
 FUSED = [
@@ -30,6 +30,8 @@ BACKENDS = ["torch", *(b for b in FUSED if b != "torch")]
 # Rows longer than a work item (cut into pieces summed after the parallel region): 70,001 > the
 # 65,536 elements an item holds at T = 1, and 3,001 > the 2,720 it holds at T = 24.
 LONG_ROWS = ck.Phase2Plan([(5, 1, 70_001), (70_006, 2, 3_001), (76_008, 3, 17)], 76_070)
+# Rows longer than the interpreted triton tile (2,048 elements): small enough to interpret.
+LONG_SMALL = ck.Phase2Plan([(3, 2, 2_500), (5_003, 3, 7)], 5_030)
 # A rank's shard where this rank holds no channel of some layers (they are not in its plan).
 EMPTY_SHARD = ck.Phase2Plan([], 7)
 STEP_CASES = [
@@ -37,6 +39,8 @@ STEP_CASES = [
     Case("long-rows-T1", LONG_ROWS, 1, random_top, normal_grads),
     Case("long-rows-T3", LONG_ROWS, 3, random_top, normal_grads),
     Case("long-rows-T24", LONG_ROWS, 24, random_top, normal_grads),
+    Case("long-small-T3", LONG_SMALL, 3, random_top, normal_grads),
+    Case("long-small-T24", LONG_SMALL, 24, random_top, normal_grads),
     Case("one-channel-T24", one_layer(1, 33), 24, random_top, normal_grads),
     Case("empty-shard", EMPTY_SHARD, 3, random_top, normal_grads),
 ]
@@ -47,12 +51,26 @@ def _ids(case: Case) -> str:
     return case.name
 
 
+# The interpreter runs every program in Python: there, triton takes the cases up to this size
+# (T = 24 and one channel included), and the long rows of `LONG_SMALL`.
+INTERPRETED_ELEMENTS = 3_000
+INTERPRETED_ALWAYS = ("long-small-T3",)
+
+
+def _skip_if_slow(backend: str, case: Case) -> None:
+    interpreted = backend == "triton" and TRITON_INTERPRETED
+    large = case.plan.numel * case.tasks > INTERPRETED_ELEMENTS
+    if interpreted and large and case.name not in INTERPRETED_ALWAYS:
+        pytest.skip("too large for the triton interpreter (runs on a GPU)")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 @pytest.mark.parametrize("case", STEP_CASES, ids=_ids)
 def test_gram_and_sum_match_the_reference(
     case: Case, dtype: torch.dtype, backend: str, device: torch.device
 ) -> None:
+    _skip_if_slow(backend, case)
     grads, _ = case.build(device, dtype)
     want = ck.channel_gram(grads, case.plan, backend="reference")
     got = ck.channel_gram(grads, case.plan, backend=backend)
@@ -72,6 +90,7 @@ def test_gram_and_sum_match_the_reference(
 def test_projection_matches_the_reference(
     case: Case, dtype: torch.dtype, backend: str, device: torch.device
 ) -> None:
+    _skip_if_slow(backend, case)
     grads, top = case.build(device, dtype)
     plan = case.plan
     for mode, uniform in SETTINGS:
@@ -96,7 +115,7 @@ def test_projection_matches_the_reference(
 
 @pytest.mark.parametrize("backend", FUSED)
 def test_fused_steps_are_deterministic_across_thread_counts(backend: str, device) -> None:
-    plan = LONG_ROWS
+    plan = LONG_SMALL if TRITON_INTERPRETED and backend == "triton" else LONG_ROWS
     gen = torch.Generator().manual_seed(11)
     grads = torch.randn(3, plan.numel, generator=gen).to(device)
     top = torch.randint(0, 3, (plan.total_channels,), generator=gen).to(device)
@@ -109,7 +128,9 @@ def test_fused_steps_are_deterministic_across_thread_counts(backend: str, device
             gram = ck.channel_gram(grads, plan, out=out, backend=backend)
             coef = ck.projection_coefficients(gram, plan, top, backend=backend)
             plain = ck.apply_projection(grads, plan, top, coef, backend=backend)
-            ck.apply_projection(grads, plan, top, coef, out=out, out_holds_sum=True, backend=backend)
+            ck.apply_projection(
+                grads, plan, top, coef, out=out, out_holds_sum=True, backend=backend
+            )
             results.append((gram, plain, out))
     finally:
         torch.set_num_threads(threads)
