@@ -30,6 +30,8 @@ Usage (from the repository root)::
     .venv/bin/python benchmarks/fsdp_phase2.py                  # W = 2, T = 3, ResNet-50
     .venv/bin/python benchmarks/fsdp_phase2.py --save
     .venv/bin/python benchmarks/fsdp_phase2.py --model tiny     # seconds: a smoke test
+    .venv/bin/python benchmarks/fsdp_phase2.py --steps-only --device cuda  # the steps alone,
+        # ResNet-50 x4 (93.8M), one rank's rows of W = 2, every backend (`make gpu-check`)
 """
 
 from __future__ import annotations
@@ -432,14 +434,80 @@ def analytic(world: int, tasks: int, n: int, channels: int, buffers: int) -> dic
     }
 
 
+STEP_MODELS = {"resnet18": 1, "resnet50": 1, "resnet50x4": 4}  # conv shapes, times over
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def steps_only(model: str, tasks: int, world: int, device: torch.device, repeats: int) -> None:
+    """The two steps alone, in this process, on one rank's rows of a ``W``-way shard (every
+    layer's first ``ceil(C / W)`` channels) of the named backbone's convs: each available
+    backend (plain, and with the fused sum), beside the floor, interleaved rounds, synced."""
+    from cs_kernels import Phase2Plan, apply_projection, channel_gram, projection_coefficients
+    from cs_kernels.model_shapes import resnet18_conv_shapes, resnet50_conv_shapes
+
+    base = resnet18_conv_shapes() if model == "resnet18" else resnet50_conv_shapes()
+    shapes = [(-(-s[0] // world), *s[1:]) for s in base * STEP_MODELS[model]]
+    plan = Phase2Plan.from_shapes(shapes)
+    gen = torch.Generator().manual_seed(0)
+    grads = torch.randn(tasks, plan.numel, generator=gen).to(device)
+    top = torch.randint(0, tasks, (plan.total_channels,), generator=gen).to(device)
+    out = torch.empty(plan.numel, device=device)
+    coef = projection_coefficients(channel_gram(grads, plan, backend="torch"), plan, top)
+    variants: dict[str, Callable[[], object]] = {"floor": lambda: torch.sum(grads, 0, out=out)}
+    for b in available_backends(device):
+        if b == "reference":
+            continue
+        for fused in (False, True):
+
+            def run(b: str = b, fused: bool = fused) -> None:
+                channel_gram(grads, plan, out=out if fused else None, backend=b)
+                apply_projection(grads, plan, top, coef, out=out, out_holds_sum=fused,
+                                 backend=b, check=False)  # fmt: skip
+
+            variants[f"steps{'-fused-sum' if fused else ''}/{b}"] = run
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for fn in variants.values():  # warm-up (triton compiles here)
+        fn()
+    _sync(device)
+    for _ in range(repeats):
+        for name, fn in variants.items():
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append((time.perf_counter() - start) * 1e3)
+    print(f"steps alone: {model} x{STEP_MODELS[model]} shard 1/{world} (local N = "
+          f"{plan.numel:,}), T = {tasks}, fp32, on {device_name(device)}")  # fmt: skip
+    floor = statistics.median(times["floor"])
+    for name, t in times.items():
+        m = spread_ms(t)
+        print(f"  {name:24s} {m['median_ms']:9.3f} ms [{m['min_ms']:.3f}, {m['max_ms']:.3f}]"
+              f" = {m['median_ms'] / floor:5.2f}x the floor")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--world", type=int, default=2)
     parser.add_argument("--tasks", type=int, default=3)
     parser.add_argument("--model", choices=["resnet50", "tiny"], default="resnet50")
     parser.add_argument("--repeats", type=int, default=9, help="rounds of the step timings")
+    parser.add_argument(
+        "--steps-only",
+        action="store_true",
+        help="time the steps alone in this process (no model, no processes)",
+    )
+    parser.add_argument("--steps-model", choices=sorted(STEP_MODELS), default="resnet50x4")
+    parser.add_argument("--device", default="cpu", help="with --steps-only")
     parser.add_argument("--save", action="store_true")
     args = parser.parse_args()
+    if args.steps_only:
+        steps_only(args.steps_model, args.tasks, args.world, torch.device(args.device),
+                   args.repeats)  # fmt: skip
+        return
     os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"  # for the workers: see `peak_memory`
     with tempfile.TemporaryDirectory() as tmp:
         init = f"file://{Path(tmp) / 'store'}"
