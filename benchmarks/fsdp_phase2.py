@@ -30,6 +30,8 @@ Usage (from the repository root)::
     .venv/bin/python benchmarks/fsdp_phase2.py                  # W = 2, T = 3, ResNet-50
     .venv/bin/python benchmarks/fsdp_phase2.py --save
     .venv/bin/python benchmarks/fsdp_phase2.py --model tiny     # seconds: a smoke test
+    .venv/bin/python benchmarks/fsdp_phase2.py --steps-only --device cuda  # the steps alone,
+        # ResNet-50 x4 (93.8M), one rank's rows of W = 2, every backend (`make gpu-check`)
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cs_kernels import available_backends
 from cs_kernels._device import device_name
 from cs_kernels.training import ConnectionStrength
 
@@ -276,8 +279,83 @@ def median_ms(fn: Callable[[], object], world: int, repeats: int = 5) -> float:
     return statistics.median(times)
 
 
+def spread_ms(times: list[float]) -> dict[str, float]:
+    """Median and spread (min, max) of wall times in ms."""
+    return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times)}
+
+
+def step_timings(cs: ConnectionStrength, world: int, repeats: int) -> dict[str, dict[str, float]]:
+    """The sharded Phase 2 of this rank's rows, before (the ``torch`` steps: vectorised
+    PyTorch) and after (the fused ``cpu`` steps), beside the floor (``grads.sum(0)`` of the
+    same local rows), in interleaved rounds: every round times each variant once, so that a
+    burst of load on the machine hits them all alike.
+
+    * ``combine/<backend>``: the whole sharded Phase 2 (`ShardedPhase2.combine`: norms,
+      Gram matrices, the all-reduce, priorities, coefficients, projection);
+    * ``steps/<backend>``: the two steps alone, ``channel_gram`` then ``apply_projection``
+      (coefficients and top tasks fixed, from this rank's Gram matrices);
+    * ``steps-fused-sum/<backend>``: the same with the plain sum taken in the Gram pass
+      (``channel_gram(out=)``) and the projection onto it (``out_holds_sum=True``).
+    """
+    from cs_kernels import apply_projection, channel_gram, projection_coefficients
+
+    sharded = cs._sharded
+    assert sharded is not None, "the model is not sharded"
+    grads, plan, out = cs.buffer.grads, sharded.plan, cs.buffer.out
+    top = cs.combine()[sharded.local_channels]
+    coef = projection_coefficients(channel_gram(grads, plan), plan, top, check=False)
+    scratch = torch.empty_like(out)
+    backends = ["torch", *(["cpu"] if "cpu" in available_backends("cpu") else [])]
+    saved = sharded.backend
+
+    def combine(backend: str) -> Callable[[], object]:
+        def run() -> None:
+            sharded.backend = backend
+            cs.combine()
+
+        return run
+
+    def steps(backend: str, fused_sum: bool) -> Callable[[], object]:
+        def run() -> None:
+            if fused_sum:
+                channel_gram(grads, plan, out=scratch, backend=backend)
+            else:
+                channel_gram(grads, plan, backend=backend)
+            apply_projection(
+                grads, plan, top, coef, out=scratch, out_holds_sum=fused_sum, backend=backend,
+                check=False,
+            )  # fmt: skip
+
+        return run
+
+    variants: dict[str, Callable[[], object]] = {"floor": lambda: torch.sum(grads, 0, out=scratch)}
+    for b in backends:
+        variants[f"combine/{b}"] = combine(b)
+        variants[f"steps/{b}"] = steps(b, False)
+        variants[f"steps-fused-sum/{b}"] = steps(b, True)
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    try:
+        for fn in variants.values():  # warm-up
+            dist.barrier()
+            fn()
+        for _ in range(repeats):
+            for name, fn in variants.items():
+                dist.barrier()
+                start = time.perf_counter()
+                fn()
+                times[name].append((time.perf_counter() - start) * 1e3)
+    finally:
+        sharded.backend = saved
+    return {name: spread_ms(t) for name, t in times.items()}
+
+
 def measure_variant(
-    variant: str, model_name: str, tasks: list[str], x: Tensor, y: dict[str, Tensor]
+    variant: str,
+    model_name: str,
+    tasks: list[str],
+    x: Tensor,
+    y: dict[str, Tensor],
+    repeats: int,
 ) -> dict[str, object]:
     from torch.distributed.fsdp import fully_shard
 
@@ -311,6 +389,7 @@ def measure_variant(
     entry["combine_ms"] = median_ms(cs.combine, world)
     entry["floor_ms"] = median_ms(lambda: torch.sum(cs.buffer.grads, 0, out=out), world)
     if variant == "fsdp":
+        entry["steps"] = step_timings(cs, world, repeats)
         ids = {id(p) for p in cs.shared_parameters}
         names = [n for n, p in model.named_parameters() if id(p) in ids]
         shared = unsharded_params(model, names)
@@ -319,7 +398,9 @@ def measure_variant(
     return entry
 
 
-def worker(rank: int, world: int, init: str, out: str, model_name: str, ntasks: int) -> None:
+def worker(
+    rank: int, world: int, init: str, out: str, model_name: str, ntasks: int, repeats: int
+) -> None:
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     tasks = [f"task{t}" for t in range(ntasks)]
@@ -327,7 +408,7 @@ def worker(rank: int, world: int, init: str, out: str, model_name: str, ntasks: 
     gen = torch.Generator().manual_seed(rank)
     x = torch.randn(2, 3, size, size, generator=gen)
     y = {t: torch.randint(0, 10, (2,), generator=gen) for t in tasks}
-    results = {v: measure_variant(v, model_name, tasks, x, y) for v in ("ddp", "fsdp")}
+    results = {v: measure_variant(v, model_name, tasks, x, y, repeats) for v in ("ddp", "fsdp")}
     torch.save(results, os.path.join(out, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
@@ -353,17 +434,88 @@ def analytic(world: int, tasks: int, n: int, channels: int, buffers: int) -> dic
     }
 
 
+STEP_MODELS = {"resnet18": 1, "resnet50": 1, "resnet50x4": 4}  # conv shapes, times over
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def steps_only(model: str, tasks: int, world: int, device: torch.device, repeats: int) -> None:
+    """The two steps alone, in this process, on one rank's rows of a ``W``-way shard (every
+    layer's first ``ceil(C / W)`` channels) of the named backbone's convs: each available
+    backend (plain, and with the fused sum), beside the floor, interleaved rounds, synced."""
+    from cs_kernels import Phase2Plan, apply_projection, channel_gram, projection_coefficients
+    from cs_kernels.model_shapes import resnet18_conv_shapes, resnet50_conv_shapes
+
+    base = resnet18_conv_shapes() if model == "resnet18" else resnet50_conv_shapes()
+    shapes = [(-(-s[0] // world), *s[1:]) for s in base * STEP_MODELS[model]]
+    plan = Phase2Plan.from_shapes(shapes)
+    gen = torch.Generator().manual_seed(0)
+    grads = torch.randn(tasks, plan.numel, generator=gen).to(device)
+    top = torch.randint(0, tasks, (plan.total_channels,), generator=gen).to(device)
+    out = torch.empty(plan.numel, device=device)
+    coef = projection_coefficients(channel_gram(grads, plan, backend="torch"), plan, top)
+    variants: dict[str, Callable[[], object]] = {"floor": lambda: torch.sum(grads, 0, out=out)}
+    for b in available_backends(device):
+        if b == "reference":
+            continue
+        for fused in (False, True):
+
+            def run(b: str = b, fused: bool = fused) -> None:
+                channel_gram(grads, plan, out=out if fused else None, backend=b)
+                apply_projection(grads, plan, top, coef, out=out, out_holds_sum=fused,
+                                 backend=b, check=False)  # fmt: skip
+
+            variants[f"steps{'-fused-sum' if fused else ''}/{b}"] = run
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for fn in variants.values():  # warm-up (triton compiles here)
+        fn()
+    _sync(device)
+    for _ in range(repeats):
+        for name, fn in variants.items():
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append((time.perf_counter() - start) * 1e3)
+    print(f"steps alone: {model} x{STEP_MODELS[model]} shard 1/{world} (local N = "
+          f"{plan.numel:,}), T = {tasks}, fp32, on {device_name(device)}")  # fmt: skip
+    floor = statistics.median(times["floor"])
+    for name, t in times.items():
+        m = spread_ms(t)
+        print(f"  {name:24s} {m['median_ms']:9.3f} ms [{m['min_ms']:.3f}, {m['max_ms']:.3f}]"
+              f" = {m['median_ms'] / floor:5.2f}x the floor")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--world", type=int, default=2)
     parser.add_argument("--tasks", type=int, default=3)
     parser.add_argument("--model", choices=["resnet50", "tiny"], default="resnet50")
+    parser.add_argument("--repeats", type=int, default=9, help="rounds of the step timings")
+    parser.add_argument(
+        "--steps-only",
+        action="store_true",
+        help="time the steps alone in this process (no model, no processes)",
+    )
+    parser.add_argument("--steps-model", choices=sorted(STEP_MODELS), default="resnet50x4")
+    parser.add_argument("--device", default="cpu", help="with --steps-only")
     parser.add_argument("--save", action="store_true")
     args = parser.parse_args()
+    if args.steps_only:
+        steps_only(args.steps_model, args.tasks, args.world, torch.device(args.device),
+                   args.repeats)  # fmt: skip
+        return
     os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"  # for the workers: see `peak_memory`
     with tempfile.TemporaryDirectory() as tmp:
         init = f"file://{Path(tmp) / 'store'}"
-        mp.spawn(worker, args=(args.world, init, tmp, args.model, args.tasks), nprocs=args.world)
+        mp.spawn(
+            worker,
+            args=(args.world, init, tmp, args.model, args.tasks, args.repeats),
+            nprocs=args.world,
+        )
         ranks = [
             torch.load(Path(tmp) / f"rank{r}.pt", weights_only=False) for r in range(args.world)
         ]
@@ -398,6 +550,14 @@ def main() -> None:
                 f"params {entry['param_bytes'] / mb:.1f} MB, local N {entry['local_numel']:,}"
             )
             if variant == "fsdp":
+                steps = entry["steps"]
+                floor = steps["floor"]["median_ms"]
+                for name, t in steps.items():
+                    print(
+                        f"rank {rank} fsdp {name:26s} {t['median_ms']:8.2f} ms "
+                        f"[{t['min_ms']:.2f}, {t['max_ms']:.2f}] = "
+                        f"{t['median_ms'] / floor:5.2f}x the floor"
+                    )
                 m = entry["deferred"]
                 wire = ", ".join(f"{k} {v / mb:.2f} MB" for k, v in m["wire_bytes"].items())
                 print(
@@ -410,7 +570,7 @@ def main() -> None:
     if args.save:
         stamp = dt.datetime.now(dt.timezone.utc)
         slug = re.sub(r"[^a-z0-9]+", "-", where.lower()).strip("-")
-        name = f"fsdp-{slug}-{stamp:%Y-%m-%d}.json"
+        name = f"fsdp-{slug}-{stamp:%Y-%m-%d}-w{args.world}.json"
         RESULTS.mkdir(exist_ok=True)
         record = {
             "device": device_name(torch.device("cpu")),
@@ -419,6 +579,8 @@ def main() -> None:
             "model": args.model,
             "tasks": args.tasks,
             "world": args.world,
+            "repeats": args.repeats,
+            "threads_per_rank": max(1, (os.cpu_count() or 2) // args.world),
             "ranks": ranks,
             "analytic": model,
         }

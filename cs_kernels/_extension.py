@@ -40,6 +40,18 @@ def _phase2_fake(*args: object) -> None:
     return None  # writes its `out`/`projected` arguments in place, returns nothing
 
 
+def _channel_gram_fake(
+    grads: torch.Tensor,
+    layers: torch.Tensor,
+    gaps: torch.Tensor,
+    channels: int,
+    sum_out: torch.Tensor | None,
+) -> torch.Tensor:
+    dtype = torch.float64 if grads.dtype == torch.float64 else torch.float32
+    tasks = grads.shape[0]
+    return grads.new_empty((channels, tasks, tasks), dtype=dtype)
+
+
 def _register_fakes() -> None:
     """Shape-only implementations so torch.compile can trace through the compiled ops."""
     torch.library.register_fake("cs_kernels::row_sqnorm", _row_sqnorm_fake)
@@ -47,6 +59,9 @@ def _register_fakes() -> None:
         torch.library.register_fake("cs_kernels::plan_row_sqnorm", _plan_row_sqnorm_fake)
     torch.library.register_fake("cs_kernels::top_priority", _top_priority_fake)
     torch.library.register_fake("cs_kernels::phase2_", _phase2_fake)
+    if hasattr(torch.ops.cs_kernels, "channel_gram"):  # absent from builds before the steps
+        torch.library.register_fake("cs_kernels::channel_gram", _channel_gram_fake)
+        torch.library.register_fake("cs_kernels::project_", _phase2_fake)
 
 
 def load() -> bool:

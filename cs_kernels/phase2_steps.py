@@ -7,6 +7,8 @@ whose cross-process part is small:
 
     norms = plan_row_sqnorm(local_weights, local_plan)        # [C_local]
     gram = channel_gram(local_grads, local_plan)               # [C_local, T, T]
+    # (or channel_gram(..., out=out) + apply_projection(..., out=out, out_holds_sum=True):
+    # the plain sum comes with the Gram pass, the projection rewrites the projected rows only)
     # ... scatter into [C] tensors, one all-reduce, then on every process:
     top = plan_top_priority(norms[None] * factors, plan)       # [C]
     coef = projection_coefficients(gram, plan, top, mode=..., uniform=...)  # [T, C]
@@ -88,27 +90,40 @@ def plan_row_sqnorm(
 
 
 def channel_gram(
-    grads: Tensor, plan: Phase2Plan, *, backend: str = "auto", check_finite: bool = False
+    grads: Tensor,
+    plan: Phase2Plan,
+    *,
+    out: Tensor | None = None,
+    backend: str = "auto",
+    check_finite: bool = False,
 ) -> Tensor:
     """Per-channel Gram matrices of the stacked gradients.
 
     Args:
         grads: ``[T, N]`` per-task gradients (contiguous). Not modified.
         plan: where the connection layers lie in ``[0, N)``.
+        out: optional ``[N]`` buffer of ``grads.dtype``: receives the plain sum ``sum_t G_t``
+            (written in place), computed in the same pass over the rows. Hand it to
+            `apply_projection` with ``out_holds_sum=True``, which then only rewrites the rows
+            it projects.
         backend: ``"auto"`` or a name from `cs_kernels.available_backends`.
         check_finite: reject NaN/Inf in ``grads``.
 
     Returns:
-        ``[plan.total_channels, T, T]`` with ``gram[c, i, j] = <G_i[c], G_j[c]>`` (symmetric),
-        fp32 (fp64 for fp64 grads).
+        ``[plan.total_channels, T, T]`` with ``gram[c, i, j] = <G_i[c], G_j[c]>`` (symmetric;
+        the diagonal holds the rows' squared norms), fp32 (fp64 for fp64 grads).
     """
     plan = _check_plan(plan)
     g = _check_rows(grads, plan)
     if require_bool(check_finite, "check_finite"):
         require_finite(g, "grads")
+    if out is not None:
+        _check_out(out, g, plan.numel)
     engine = resolve_backend(backend, g.device)
     with torch.no_grad():
-        return engine.channel_gram(g, plan)
+        if out is None:
+            return engine.channel_gram(g, plan)
+        return engine.channel_gram_and_sum(g, plan, out=out)
 
 
 def projection_coefficients(
@@ -170,6 +185,7 @@ def apply_projection(
     coefficients: Tensor,
     *,
     out: Tensor | None = ...,
+    out_holds_sum: bool = ...,
     per_task: Literal[False] = ...,
     backend: str = ...,
     check: bool = ...,
@@ -183,6 +199,7 @@ def apply_projection(
     coefficients: Tensor,
     *,
     out: Tensor | None = ...,
+    out_holds_sum: bool = ...,
     per_task: Literal[True],
     backend: str = ...,
     check: bool = ...,
@@ -195,6 +212,7 @@ def apply_projection(
     coefficients: Tensor,
     *,
     out: Tensor | None = None,
+    out_holds_sum: bool = False,
     per_task: bool = False,
     backend: str = "auto",
     check: bool = True,
@@ -208,6 +226,9 @@ def apply_projection(
         top: int64 ``[plan.total_channels]`` top-priority tasks.
         coefficients: ``[T, plan.total_channels]`` from `projection_coefficients`.
         out: optional ``[N]`` result buffer of ``grads.dtype`` (written in place).
+        out_holds_sum: ``out`` already holds ``sum_t G_t`` (from ``channel_gram(...,
+            out=out)``); only the projected rows are rewritten (fused backends) or all of
+            ``out`` is recomputed (the others). Needs ``out``.
         per_task: also return the projected per-task gradients ``[T, N]``.
         backend: ``"auto"`` or a name from `cs_kernels.available_backends`.
         check: validate ``top``'s range and that ``coefficients`` is finite (syncs).
@@ -219,8 +240,16 @@ def apply_projection(
     """
     plan = _check_plan(plan)
     g = _check_rows(grads, plan)
-    for name, flag in (("per_task", per_task), ("check", check), ("check_finite", check_finite)):
+    flags = (
+        ("out_holds_sum", out_holds_sum),
+        ("per_task", per_task),
+        ("check", check),
+        ("check_finite", check_finite),
+    )
+    for name, flag in flags:
         require_bool(flag, name)
+    if out_holds_sum and out is None:
+        raise ValueError("out_holds_sum=True needs out (the buffer channel_gram summed into)")
     num_tasks = g.shape[0]
     t = require_tensor(top, "top")
     require_same_device(t, "top", g, "grads")
@@ -244,7 +273,10 @@ def apply_projection(
     result = out if out is not None else g.new_empty(plan.numel)
     projected = g.new_empty(g.shape) if per_task else None
     with torch.no_grad():
-        engine.project(g, plan, top64, c.contiguous(), out=result, projected=projected)
+        if out_holds_sum:
+            engine.project_onto_sum(g, plan, top64, c.contiguous(), out=result, projected=projected)
+        else:
+            engine.project(g, plan, top64, c.contiguous(), out=result, projected=projected)
     if per_task:
         assert projected is not None
         return result, projected

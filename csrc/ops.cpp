@@ -16,6 +16,17 @@ TORCH_LIBRARY(cs_kernels, m) {
   m.def(
       "phase2_(Tensor grads, Tensor layers, Tensor gaps, Tensor top, bool group_mode, "
       "bool project_uniform, Tensor(a!) out, Tensor(b!)? projected) -> ()");
+  // Phase 2 in steps (CPU only so far). grads [T, N], layers int64 [L, 4], gaps int64 [G, 2]
+  // -> [channels, T, T] Gram matrices (fp32, fp64 for fp64); writes sum_t G_t into sum_out
+  // [N] when given.
+  m.def(
+      "channel_gram(Tensor grads, Tensor layers, Tensor gaps, int channels, "
+      "Tensor(a!)? sum_out) -> Tensor");
+  // top int64 [C], coefficients [T, C]: writes out [N] (onto the plain sum already in it when
+  // out_holds_sum) and, when given, projected [T, N].
+  m.def(
+      "project_(Tensor grads, Tensor layers, Tensor gaps, Tensor top, Tensor coefficients, "
+      "bool out_holds_sum, Tensor(a!) out, Tensor(b!)? projected) -> ()");
 }
 
 // A plain Python module: importing it runs the registrations above.

@@ -72,8 +72,11 @@ def test_stage_commands(tmp_path: Path) -> None:
     commands, env = gpu_check.stage_commands("tests", INFO, tmp_path, False)
     assert "CS_KERNELS_REQUIRE_CPU" not in env  # --skip build: whatever is built is used
     commands, _ = gpu_check.stage_commands("bench", INFO, tmp_path, True)
-    assert all("--save" in c and "cuda" in c for c in commands)
+    assert all("--save" in c and "cuda" in c for c in commands[:2])
     assert "--no-compiled" in commands[0] and "--compiled" in commands[1]
+    # the FSDP2 steps of the triton and cuda backends at the ResNet-50 x4 size
+    assert commands[2][1:4] == ["benchmarks/fsdp_phase2.py", "--steps-only", "--steps-model"]
+    assert "resnet50x4" in commands[2] and commands[2][commands[2].index("--device") + 1] == "cuda"
     commands, _ = gpu_check.stage_commands("demo", INFO, tmp_path, True)
     assert commands[0][1:5] == ["python/demo.py", "--quick", "--device", "cuda"]
 
@@ -119,8 +122,9 @@ def test_rehearsal_stage_commands_run_on_the_cpu(tmp_path: Path) -> None:
     assert env["CS_KERNELS_REQUIRE_CPU"] == "1"
     assert commands[0][-3:] == ["--deselect", "tests/test_triton_interpreter.py", "tests"]
     commands, _ = gpu_check.stage_commands("bench", INFO, tmp_path, True, rehearse=True)
-    assert all("--quick" in c and "cuda" not in c for c in commands)
+    assert all("--quick" in c and "cuda" not in c for c in commands[:2])
     assert "--compiled" in commands[1] and "resnet18" in commands[1]
+    assert "--steps-only" in commands[2] and "cuda" not in commands[2]
     commands, _ = gpu_check.stage_commands("demo", INFO, tmp_path, True, rehearse=True)
     assert commands[0][1:5] == ["python/demo.py", "--quick", "--device", "cpu"]
 

@@ -38,7 +38,7 @@ try:
     import triton
     import triton.language as tl
 
-    from cs_kernels.triton_kernels import aot, phase2, strength, tuning
+    from cs_kernels.triton_kernels import aot, phase2, steps, strength, tuning
 except Exception as exc:  # triton missing or broken
     pytest.skip(f"triton does not import: {exc}", allow_module_level=True)
 
@@ -179,6 +179,13 @@ def test_the_tuner_never_picks_outside_the_compiled_set() -> None:
                     assert (*base, None) in compiled["pass2"], (config, tasks, dtype)
                     group = (None, None, tb, 4, None, acc, None, None)
                     assert group in compiled["group"]
+            config = tuning.steps_config(plan, size)
+            for tasks in range(1, max(tuning.TASK_BLOCKS) + 1):
+                tb = tuning.task_block(tasks)
+                base = (config.subrows, config.width, tb, config.num_warps, config.num_stages,
+                        acc)  # fmt: skip
+                assert (*base, None, None) in compiled["gram"], (config, tasks, dtype)
+                assert (*base, exact, None) in compiled["project"], (config, tasks, dtype)
         config = tuning.strength_config(plan)
         assert config in tuning.strength_space()
         for tasks in (1, *range(1, max(tuning.TASK_BLOCKS) + 1)):
@@ -191,12 +198,15 @@ def test_the_tuner_never_picks_outside_the_compiled_set() -> None:
 def test_jobs_cover_every_dtype_mode_and_architecture() -> None:
     jobs = aot.jobs()
     assert {job.arch for job in jobs} == {80, 90}
-    for kernel in ("pass1", "pass2", "strength"):
+    for kernel in ("pass1", "pass2", "gram", "project", "strength"):
         types = {dict(job.types).get("grads_ptr", dict(job.types).get("anchor_ptr"))
                  for job in jobs if job.kernel == kernel}  # fmt: skip
         assert types == {f"*{d}" for d in aot.DTYPES}, kernel
     assert {dict(j.constexprs)["GROUP"] for j in jobs if j.kernel == "pass1"} == {False, True}
     assert {dict(j.constexprs)["FUSED"] for j in jobs if j.kernel == "strength"} == {False, True}
+    assert {dict(j.constexprs)["SUM"] for j in jobs if j.kernel == "gram"} == {False, True}
+    holds = {dict(j.constexprs)["HOLDS_SUM"] for j in jobs if j.kernel == "project"}
+    assert holds == {False, True}
     assert len({job.name for job in jobs}) == len(jobs)  # no job twice
 
 
@@ -212,7 +222,7 @@ def test_every_kernel_is_compiled() -> None:
     """A new kernel must join `aot.kernels`: every ``@triton.jit`` launch target is listed."""
     launched = {
         name
-        for module in (phase2, strength)
+        for module in (phase2, steps, strength)
         for name, value in vars(module).items()
         if name.endswith("_kernel") and isinstance(value, triton.runtime.JITFunction)
     }

@@ -42,6 +42,7 @@ SUITES = [
     "tests/test_from_weights.py",
     "tests/test_compile.py",
     "tests/test_buffer_dtype.py",
+    "tests/test_steps_fused.py",
 ]
 MIN_PASSED = 150  # the child must really run the suites, not skip them
 CI = os.environ.get("CI", "").lower() == "true"

@@ -18,7 +18,10 @@ uses the interpreter running it. Stages, in order, each timed against its budget
 3. ``bench``: the benchmark table (`benchmarks/phase2_table.py`: fp32 and bf16, T in
    {2, 3, 5, 10, 20}, ResNet-18, ResNet-50 and ResNet-50 x4 (93.8M), floor in the same run)
    saved as ``benchmarks/results/<device>-<date>.json``, then ``torch.compile`` of the
-   ``torch`` backend at ResNet-50, T = 3, fp32 (``<device>-<date>-compiled.json``);
+   ``torch`` backend at ResNet-50, T = 3, fp32 (``<device>-<date>-compiled.json``), then
+   the Phase 2 steps of FSDP2 (`benchmarks/fsdp_phase2.py --steps-only`: every backend's
+   ``channel_gram`` + ``apply_projection`` on one rank's rows of ResNet-50 x4 at W = 2,
+   T = 3, beside the floor; figures in the log);
 4. ``demo``: the training controller on the GPU (``python/demo.py --quick --device cuda``);
 5. ``collect``: logs, the JSON files and a ``summary.json`` of the stages into ``--results``.
 
@@ -107,7 +110,9 @@ STAGES = (
         "about 2 ms at 4.3 TB/s) is about 0.2 s a case, 60 s in all; the authors' loop is "
         "timed by one call when it takes over 1 s (up to several s at T = 20, 100M): "
         "about 90 s; autotuning and graph capture about 20 s; then torch.compile of the "
-        "torch backend for ResNet-50, T = 3, fp32, group mode: about 40 s",
+        "torch backend for ResNet-50, T = 3, fp32, group mode: about 40 s; the FSDP2 steps "
+        "at ResNet-50 x4 / 2 (47M elements, T = 3): 4 triton compiles (1.4 s each, or "
+        "cached by the build stage) and 6 rounds of ms-long calls, about 10 s",
     ),
     Stage(
         "demo",
@@ -290,14 +295,17 @@ def stage_commands(
     if name == "bench":
         table = [py, "benchmarks/phase2_table.py", "--device", device, "--save", "--repeats",
                  "5", "--warmup-seconds", "0.1", "--very-slow-seconds", "1"]  # fmt: skip
-        model = "resnet50"
+        model, steps_model = "resnet50", "resnet50x4"
         if rehearse:  # the CPU's quick sizes: ResNet-18, T = 2
             table.append("--quick")
-            model = "resnet18"
+            model, steps_model = "resnet18", "resnet18"
         return [
             [*table, "--no-compiled"],
             [*table, "--compiled", "--models", model, "--tasks", "3", "--dtypes",
              "float32", "--modes", "group"],
+            # Phase 2 in steps (FSDP2): every backend's two steps on one rank's rows of W = 2
+            [py, "benchmarks/fsdp_phase2.py", "--steps-only", "--steps-model", steps_model,
+             "--device", device, "--repeats", "5"],
         ], env  # fmt: skip
     if name == "demo":
         return [[py, "python/demo.py", "--quick", "--device", device, "--results",

@@ -87,6 +87,13 @@ class Backend(ABC):
         of every channel row, fp32 (fp64 for fp64 input)."""
         return phase2_steps.channel_gram(grads, plan)
 
+    def channel_gram_and_sum(self, grads: Tensor, plan: Phase2Plan, *, out: Tensor) -> Tensor:
+        """`channel_gram`, and ``out: [N]`` (``grads.dtype``) = ``sum_t G_t`` written in place.
+        Fused backends do both in one pass over the rows."""
+        gram = self.channel_gram(grads, plan)
+        torch.sum(grads, dim=0, out=out)
+        return gram
+
     def projection_coefficients(
         self, gram: Tensor, plan: Phase2Plan, top: Tensor, *, group: bool, project_uniform: bool
     ) -> Tensor:
@@ -109,3 +116,17 @@ class Backend(ABC):
         """Writes ``out: [N]`` = ``sum_t G'_t`` with the given ``coefficients: [T,
         total_channels]`` (and ``projected: [T, N]`` = the ``G'_t`` when given)."""
         phase2_steps.project(grads, plan, top, coefficients, out=out, projected=projected)
+
+    def project_onto_sum(
+        self,
+        grads: Tensor,
+        plan: Phase2Plan,
+        top: Tensor,
+        coefficients: Tensor,
+        *,
+        out: Tensor,
+        projected: Tensor | None,
+    ) -> None:
+        """`project` where ``out: [N]`` already holds ``sum_t G_t``: fused backends rewrite
+        only the rows with a non-zero shrink; the default recomputes all of ``out``."""
+        self.project(grads, plan, top, coefficients, out=out, projected=projected)

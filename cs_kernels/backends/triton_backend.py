@@ -20,11 +20,12 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from cs_kernels._validation import accumulation_dtype
 from cs_kernels.backends.base import Backend
 from cs_kernels.plan import Phase2Plan, single_layer_plan
 
 try:
-    from cs_kernels.triton_kernels import ops, tuning, work_items
+    from cs_kernels.triton_kernels import ops, steps, tuning, work_items
 except Exception as exc:  # ImportError, or triton failing to initialise
     _IMPORT_ERROR: str | None = f"triton does not import ({type(exc).__name__}: {exc})"
 else:
@@ -103,3 +104,56 @@ class TritonBackend(Backend):
         key = ("phase2", grads.shape[0], grads.dtype, group, projected is not None)
         candidates = tuning.phase2_candidates(plan, grads.element_size())
         run(tuning.choose(plan, device, key, candidates, run))
+
+    # -- Phase 2 in steps (one launch each; the heuristic tile configuration) -----------
+
+    def _step_items(self, grads: Tensor, plan: Phase2Plan) -> tuple[Tensor, tuning.TileConfig]:
+        config = tuning.steps_config(plan, grads.element_size())
+        return work_items.cached_phase2_items(plan, grads.device, config.tile, config.width), config
+
+    def channel_gram(self, grads: Tensor, plan: Phase2Plan) -> Tensor:
+        items, config = self._step_items(grads, plan)
+        return steps.run_gram(grads, items, plan.total_channels, None, config=config)
+
+    def channel_gram_and_sum(self, grads: Tensor, plan: Phase2Plan, *, out: Tensor) -> Tensor:
+        items, config = self._step_items(grads, plan)
+        return steps.run_gram(grads, items, plan.total_channels, out, config=config)
+
+    def _project(
+        self,
+        grads: Tensor,
+        plan: Phase2Plan,
+        top: Tensor,
+        coefficients: Tensor,
+        out: Tensor,
+        projected: Tensor | None,
+        out_holds_sum: bool,
+    ) -> None:
+        items, config = self._step_items(grads, plan)
+        coef = coefficients.to(accumulation_dtype(grads.dtype)).contiguous()
+        steps.run_project(grads, top.contiguous(), coef, items, out, projected,
+                          out_holds_sum=out_holds_sum, config=config)  # fmt: skip
+
+    def project(
+        self,
+        grads: Tensor,
+        plan: Phase2Plan,
+        top: Tensor,
+        coefficients: Tensor,
+        *,
+        out: Tensor,
+        projected: Tensor | None,
+    ) -> None:
+        self._project(grads, plan, top, coefficients, out, projected, False)
+
+    def project_onto_sum(
+        self,
+        grads: Tensor,
+        plan: Phase2Plan,
+        top: Tensor,
+        coefficients: Tensor,
+        *,
+        out: Tensor,
+        projected: Tensor | None,
+    ) -> None:
+        self._project(grads, plan, top, coefficients, out, projected, True)

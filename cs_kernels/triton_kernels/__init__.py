@@ -9,6 +9,8 @@ Modules, one job each:
 * `tuning`: tile configurations, the heuristic choice and the autotuner;
 * `strength`: squared row norms of the shared weights and the top-priority task, fused;
 * `phase2`: the projection over the stacked ``[T, N]`` buffer, channel and group mode;
+* `steps`: Phase 2 in steps for sharded models (per-channel Gram matrices, the projection
+  with given coefficients), one launch each;
 * `ops`: the same launchers as ``torch.library`` custom ops, so ``torch.compile`` treats
   them as opaque calls.
 

@@ -68,12 +68,14 @@ class Result(NamedTuple):
 
 def kernels() -> dict[str, Any]:
     """Every ``@triton.jit`` launch target of the backend, by name."""
-    from cs_kernels.triton_kernels import phase2, strength
+    from cs_kernels.triton_kernels import phase2, steps, strength
 
     return {
         "pass1": phase2.pass1_kernel,
         "pass2": phase2.pass2_kernel,
         "group": phase2.group_kernel,
+        "gram": steps.gram_kernel,
+        "project": steps.project_kernel,
         "strength": strength.strength_kernel,
         "priority": strength.priority_kernel,
     }
@@ -124,6 +126,40 @@ def _phase2_jobs(arch: int) -> Iterable[Job]:
             yield Job("group", tuple(types.items()), reduction, arch, 4, None)
 
 
+def _steps_jobs(arch: int) -> Iterable[Job]:
+    """The Phase 2 steps (`steps.run_gram`, `steps.run_project`): every configuration
+    `tuning.steps_config` can return, with and without the plain sum / onto the sum."""
+    from cs_kernels.triton_kernels import tuning
+
+    for dtype in DTYPES:
+        acc, size = _acc(dtype), ELEMENT_SIZE[dtype]
+        for config in tuning.steps_space(size):
+            for tb in tuning.TASK_BLOCKS:
+                shared: Consts = (("SUB", config.subrows), ("WIDTH", config.width), ("TB", tb),
+                                  ("VEC", max(1, 16 // size)))  # fmt: skip
+                for fused_sum in (False, True):
+                    types = {
+                        **{p: f"*{dtype}" for p in ("grads_ptr", "out_ptr")},  # no sum: grads
+                        "gram_ptr": f"*{acc}",
+                        "items_ptr": "*i64",
+                        **{p: "i32" for p in ("stride", "num_tasks")},
+                    }
+                    consts: Consts = (*shared, ("SUM", fused_sum), ("ACC", acc))
+                    yield Job("gram", tuple(types.items()), consts, arch, config.num_warps,
+                              config.num_stages)  # fmt: skip
+                    types = {
+                        **{p: f"*{dtype}" for p in ("grads_ptr", "out_ptr", "proj_ptr")},
+                        "top_ptr": "*i64",
+                        "coef_ptr": f"*{acc}",
+                        "items_ptr": "*i64",
+                        **{p: "i32" for p in ("stride", "channels", "num_tasks", "per_task")},
+                    }
+                    consts = (*shared, ("HOLDS_SUM", fused_sum),
+                              ("EXACT", dtype in ("fp32", "fp64")), ("ACC", acc))  # fmt: skip
+                    yield Job("project", tuple(types.items()), consts, arch, config.num_warps,
+                              config.num_stages)  # fmt: skip
+
+
 def _strength_jobs(arch: int) -> Iterable[Job]:
     from cs_kernels.triton_kernels import strength, tuning
 
@@ -157,8 +193,13 @@ def _strength_jobs(arch: int) -> Iterable[Job]:
 
 def jobs(archs: Sequence[int] = ARCHS) -> list[Job]:
     """Every configuration, the slowest compilations (pass 1) first."""
-    found = [job for arch in archs for job in (*_phase2_jobs(arch), *_strength_jobs(arch))]
-    order = {"pass1": 0, "pass2": 1, "strength": 2, "group": 3, "priority": 4}
+    found = [
+        job
+        for arch in archs
+        for job in (*_phase2_jobs(arch), *_steps_jobs(arch), *_strength_jobs(arch))
+    ]
+    order = {"pass1": 0, "pass2": 1, "project": 2, "gram": 3, "strength": 4, "group": 5,
+             "priority": 6}  # fmt: skip
     return sorted(found, key=lambda job: order[job.kernel])
 
 

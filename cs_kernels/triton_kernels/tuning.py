@@ -145,6 +145,19 @@ def phase2_space(element_size: int) -> list[TileConfig]:
     ]
 
 
+def steps_config(plan: Phase2Plan, element_size: int) -> TileConfig:
+    """The Phase 2 steps (`steps`) take the heuristic Phase 2 configuration, untuned: the
+    projection onto the plain sum rewrites its output in place, so it cannot be re-run to
+    time candidates."""
+    return phase2_candidates(plan, element_size)[0]
+
+
+def steps_space(element_size: int) -> list[TileConfig]:
+    """Every configuration `steps_config` can return, whatever the plan."""
+    tile, warps, stages = phase2_shapes(element_size)[0]
+    return [TileConfig(tile, width, warps, stages) for width in widths_for(tile)]
+
+
 STRENGTH_TILE = 512 if INTERPRETED else 2048
 STRENGTH_WARPS = 1 if INTERPRETED else 8
 
