@@ -407,7 +407,12 @@ class ShardedPhase2:
         t = self.num_tasks
         with torch.no_grad():
             self._fill_strength_inputs()
-            local_gram = channel_gram(grads, self.plan, backend=self.backend)  # [C_loc, T, T]
+            # The plain sum goes into `out` in the same pass over the rows; the projection
+            # then rewrites only the rows that project (fused backends).
+            fuse_sum = out.dtype == grads.dtype
+            local_gram = channel_gram(
+                grads, self.plan, out=out if fuse_sum else None, backend=self.backend
+            )  # [C_loc, T, T]
             if self.mode == "group":
                 packed = local_gram[:, self._upper[0], self._upper[1]]
                 self._gram.index_copy_(0, self.local_channels, packed)
@@ -438,6 +443,7 @@ class ShardedPhase2:
                 top[self.local_channels],
                 coef[:, self.local_channels],
                 out=out,
+                out_holds_sum=fuse_sum,
                 backend=self.backend,
                 check=False,
             )
