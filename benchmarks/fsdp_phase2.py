@@ -37,6 +37,8 @@ Usage (from the repository root)::
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import datetime as dt
 import json
 import os
@@ -44,7 +46,7 @@ import re
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -275,6 +277,35 @@ def recombine(cs: ConnectionStrength) -> Tensor:
     return cs.combine()
 
 
+@contextlib.contextmanager
+def ordinary_allocator() -> Iterator[None]:
+    """glibc's malloc as a training process has it, for the timings: the workers run with
+    ``MALLOC_MMAP_THRESHOLD_`` low for `peak_memory`, which maps (and page-faults) every
+    temporary of 64 KiB or more afresh at each call and so charges Phase 2's small
+    temporaries a page fault per page, but not the floor, which allocates nothing. Inside,
+    temporaries up to 32 MiB come from the heap and freed memory stays there."""
+    libc = _glibc()
+    if libc is None:
+        yield
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    libc.mallopt(m_mmap_threshold, 32 << 20)
+    libc.mallopt(m_trim_threshold, 64 << 20)
+    try:
+        yield
+    finally:
+        libc.mallopt(m_mmap_threshold, int(os.environ.get("MALLOC_MMAP_THRESHOLD_", 128 << 10)))
+        libc.mallopt(m_trim_threshold, 128 << 10)
+
+
+def _glibc() -> ctypes.CDLL | None:
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "mallopt") else None
+    except OSError:
+        return None
+
+
 def median_ms(fn: Callable[[], object], world: int, repeats: int = 5) -> float:
     """Median wall time of ``fn()`` (the ranks start each call together)."""
     times = []
@@ -342,15 +373,16 @@ def step_timings(cs: ConnectionStrength, world: int, repeats: int) -> dict[str, 
         variants[f"steps-fused-sum/{b}"] = steps(b, True)
     times: dict[str, list[float]] = {name: [] for name in variants}
     try:
-        for fn in variants.values():  # warm-up
-            dist.barrier()
-            fn()
-        for _ in range(repeats):
-            for name, fn in variants.items():
+        with ordinary_allocator():
+            for fn in variants.values():  # warm-up
                 dist.barrier()
-                start = time.perf_counter()
                 fn()
-                times[name].append((time.perf_counter() - start) * 1e3)
+            for _ in range(repeats):
+                for name, fn in variants.items():
+                    dist.barrier()
+                    start = time.perf_counter()
+                    fn()
+                    times[name].append((time.perf_counter() - start) * 1e3)
     finally:
         sharded.backend = saved
     return {name: spread_ms(t) for name, t in times.items()}
@@ -393,8 +425,9 @@ def measure_variant(
         "buffer_numel": sum(b.numel() for b in model.buffers() if b.is_floating_point()),
     }
     out = torch.empty_like(cs.buffer.out)
-    entry["combine_ms"] = median_ms(lambda: recombine(cs), world)
-    entry["floor_ms"] = median_ms(lambda: torch.sum(cs.buffer.grads, 0, out=out), world)
+    with ordinary_allocator():
+        entry["combine_ms"] = median_ms(lambda: recombine(cs), world)
+        entry["floor_ms"] = median_ms(lambda: torch.sum(cs.buffer.grads, 0, out=out), world)
     if variant == "fsdp":
         entry["steps"] = step_timings(cs, world, repeats)
         ids = {id(p) for p in cs.shared_parameters}

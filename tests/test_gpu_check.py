@@ -77,6 +77,9 @@ def test_stage_commands(tmp_path: Path) -> None:
     # the FSDP2 steps of the triton and cuda backends at the ResNet-50 x4 size
     assert commands[2][1:4] == ["benchmarks/fsdp_phase2.py", "--steps-only", "--steps-model"]
     assert "resnet50x4" in commands[2] and commands[2][commands[2].index("--device") + 1] == "cuda"
+    # the half-size rows table on the GPU, at the ResNet-50 size
+    assert commands[3][1:4] == ["benchmarks/memory_table.py", "--device", "cuda"]
+    assert "tiny" not in commands[3]
     commands, _ = gpu_check.stage_commands("demo", INFO, tmp_path, True)
     assert commands[0][1:5] == ["python/demo.py", "--quick", "--device", "cuda"]
 
@@ -125,6 +128,8 @@ def test_rehearsal_stage_commands_run_on_the_cpu(tmp_path: Path) -> None:
     assert all("--quick" in c and "cuda" not in c for c in commands[:2])
     assert "--compiled" in commands[1] and "resnet18" in commands[1]
     assert "--steps-only" in commands[2] and "cuda" not in commands[2]
+    assert commands[3][1] == "benchmarks/memory_table.py" and "tiny" in commands[3]
+    assert "cuda" not in commands[3]
     commands, _ = gpu_check.stage_commands("demo", INFO, tmp_path, True, rehearse=True)
     assert commands[0][1:5] == ["python/demo.py", "--quick", "--device", "cpu"]
 

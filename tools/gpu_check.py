@@ -21,7 +21,9 @@ uses the interpreter running it. Stages, in order, each timed against its budget
    ``torch`` backend at ResNet-50, T = 3, fp32 (``<device>-<date>-compiled.json``), then
    the Phase 2 steps of FSDP2 (`benchmarks/fsdp_phase2.py --steps-only`: every backend's
    ``channel_gram`` + ``apply_projection`` on one rank's rows of ResNet-50 x4 at W = 2,
-   T = 3, beside the floor; figures in the log);
+   T = 3, beside the floor; figures in the log), then the half-size rows table
+   (`benchmarks/memory_table.py`: the controller's memory with fp32, bf16 and fp16 rows at
+   ResNet-50, T = 5, and Phase 2 on those rows against the floor over the same rows);
 4. ``demo``: the training controller on the GPU (``python/demo.py --quick --device cuda``);
 5. ``collect``: logs, the JSON files and a ``summary.json`` of the stages into ``--results``.
 
@@ -112,7 +114,10 @@ STAGES = (
         "about 90 s; autotuning and graph capture about 20 s; then torch.compile of the "
         "torch backend for ResNet-50, T = 3, fp32, group mode: about 40 s; the FSDP2 steps "
         "at ResNet-50 x4 / 2 (47M elements, T = 3): 4 triton compiles (1.4 s each, or "
-        "cached by the build stage) and 6 rounds of ms-long calls, about 10 s",
+        "cached by the build stage) and 6 rounds of ms-long calls, about 10 s; the half-size "
+        "rows table (ResNet-50, T = 5: three controllers, fp32/bf16/fp16 rows, 6 rounds of "
+        "ms-long Phase 2 calls, triton's first-use compiles of the bf16/fp16 tiles): about "
+        "15 s",
     ),
     Stage(
         "demo",
@@ -306,6 +311,9 @@ def stage_commands(
             # Phase 2 in steps (FSDP2): every backend's two steps on one rank's rows of W = 2
             [py, "benchmarks/fsdp_phase2.py", "--steps-only", "--steps-model", steps_model,
              "--device", device, "--repeats", "5"],
+            # half-size rows: the controller's memory, Phase 2 on bf16 rows against the floor
+            [py, "benchmarks/memory_table.py", "--device", device, "--repeats", "5",
+             *(["--model", "tiny"] if rehearse else [])],
         ], env  # fmt: skip
     if name == "demo":
         return [[py, "python/demo.py", "--quick", "--device", device, "--results",
