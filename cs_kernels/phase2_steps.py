@@ -47,6 +47,17 @@ from cs_kernels.plan import Phase2Plan
 from cs_kernels.projection import Mode, UniformRule, _check_grads, _check_out, _check_weights
 
 
+def _check_step_out(out: object, grads: Tensor, numel: int) -> Tensor:
+    """`_check_out` for the steps, whose ``out`` has the rows' own dtype (no fp32 result for
+    half-size rows here: the sharded controller refuses those)."""
+    t = require_tensor(out, "out")
+    if t.dtype != grads.dtype:
+        raise TypeError(
+            f"out must have the dtype of grads ({grads.dtype}) in the steps, got {t.dtype}"
+        )
+    return _check_out(t, grads, numel)
+
+
 def _check_plan(plan: object) -> Phase2Plan:
     if not isinstance(plan, Phase2Plan):
         raise TypeError(f"plan must be a Phase2Plan, got {type(plan).__name__}")
@@ -118,7 +129,7 @@ def channel_gram(
     if require_bool(check_finite, "check_finite"):
         require_finite(g, "grads")
     if out is not None:
-        _check_out(out, g, plan.numel)
+        _check_step_out(out, g, plan.numel)
     engine = resolve_backend(backend, g.device)
     with torch.no_grad():
         if out is None:
@@ -265,7 +276,7 @@ def apply_projection(
     if check_finite:
         require_finite(g, "grads")
     if out is not None:
-        _check_out(out, g, plan.numel)
+        _check_step_out(out, g, plan.numel)
         for name, other in (("top", top64), ("coefficients", c)):
             if storage_overlaps(out, other):
                 raise ValueError(f"out must not share memory with {name}")

@@ -24,6 +24,9 @@
 #include "cpu_common.h"
 
 namespace cs_kernels {
+// Its own namespace: the item sizes, schedules and passes here are the steps' own, beside
+// the Phase 2 kernel's of the same names (csrc/phase2_cpu.cpp).
+namespace steps {
 
 namespace {
 
@@ -472,9 +475,11 @@ void project_cpu(const at::Tensor& grads, const at::Tensor& layers, const at::Te
   });
 }
 
+}  // namespace steps
+
 TORCH_LIBRARY_IMPL(cs_kernels, CPU, m) {
-  m.impl("channel_gram", &channel_gram_cpu);
-  m.impl("project_", &project_cpu);
+  m.impl("channel_gram", &steps::channel_gram_cpu);
+  m.impl("project_", &steps::project_cpu);
 }
 
 }  // namespace cs_kernels
