@@ -28,7 +28,10 @@ ROOT = Path(__file__).resolve().parent.parent
 def _need(module: str) -> None:
     """Skip where a tool is missing (the GPU image); `make test` installs it, strictly
     under CI=true (tools/bootstrap.py)."""
-    if importlib.util.find_spec(module) is None:
+    spec = importlib.util.find_spec(module)
+    # A folder of that name in the checkout (e.g. setup.py's build/) is only a namespace
+    # package: no origin, nothing to run.
+    if spec is None or spec.origin is None:
         pytest.skip(f"{module} not installed (requirements-dev.txt lists it)")
 
 
@@ -42,7 +45,9 @@ def _run(cmd: list[str], cwd: Path, env: dict[str, str] | None = None) -> str:
 def sdist(tmp_path_factory: pytest.TempPathFactory) -> Path:
     _need("build")
     out = tmp_path_factory.mktemp("dist")
-    _run([sys.executable, "-m", "build", "--sdist", "--no-isolation", "--outdir", str(out)], ROOT)
+    # Run from outside the checkout, whose build/ folder would shadow the build package.
+    command = [sys.executable, "-m", "build", "--sdist", "--no-isolation", "--outdir", str(out)]
+    _run([*command, str(ROOT)], out)
     (archive,) = out.glob("cs_kernels-*.tar.gz")
     return archive
 
