@@ -37,6 +37,14 @@ class CpuBackend(CompiledOpsBackend):
         )
         return gram
 
+    def projection_coefficients(
+        self, gram: Tensor, plan: Phase2Plan, top: Tensor, *, group: bool, project_uniform: bool
+    ) -> Tensor:
+        coefficients: Tensor = torch.ops.cs_kernels.projection_coefficients(
+            gram, plan.layer_table(gram.device), top, group, project_uniform
+        )
+        return coefficients
+
     def project(
         self,
         grads: Tensor,
