@@ -380,9 +380,6 @@ class ShardedPhase2:
         self._norms, self._parts, self._packed = norms, parts.view(2, t, c), packed
         self._gram = grams.view(-1, pairs)  # [C, pairs] in group mode, empty otherwise
         self._buffer_views = _split(packed, self.buffers)
-        self._buffers_cat = all(
-            b.dtype == self.acc and b.is_contiguous() and b.device == device for b in self.buffers
-        )
         self.factors = FactorTable(connections, tasks, device, self.acc, read=self.share)
         self._share_copies = self._plan_share_copies()
         self.reductions = 0
@@ -454,13 +451,8 @@ class ShardedPhase2:
             torch._foreach_copy_(dests, [local_data(s).view(-1) for s in sources])
 
     def _pack_buffers(self) -> None:
-        """The model buffers into the payload: one concatenation when they share its dtype
-        (hundreds of BatchNorm statistics: one op rather than a copy each)."""
-        if not self.buffers:
-            return
-        if self._buffers_cat:
-            torch.cat([b.view(-1) for b in self.buffers], out=self._packed)
-        else:
+        """The model buffers into their part of the payload."""
+        if self.buffers:
             torch._foreach_copy_(self._buffer_views, self.buffers)
 
     def _all_reduce(self, tensor: Tensor) -> None:
