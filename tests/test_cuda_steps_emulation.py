@@ -271,7 +271,9 @@ def test_invalid_tables_never_touch_memory_outside_the_buffers(emu: StepKernels)
     assert torch.equal(gram, torch.zeros(16, tasks, tasks))
     assert total is not None and bool(total.isnan().all())
     out = torch.zeros(1100)
-    projected = emu.project(wide, overlapping, gaps[:0], torch.zeros(16, dtype=torch.int64),
-                            torch.zeros(tasks, 16), out, out_holds_sum=False, per_task=True)  # fmt: skip
+    tops, coef = torch.zeros(16, dtype=torch.int64), torch.zeros(tasks, 16)
+    projected = emu.project(
+        wide, overlapping, gaps[:0], tops, coef, out, out_holds_sum=False, per_task=True
+    )
     assert torch.equal(out, torch.zeros(1100))
     assert projected is not None and bool(projected.isnan().all())

@@ -1,13 +1,15 @@
-"""The ``cpu`` backend: the OpenMP C++ kernels of ``csrc/``, called as ``torch.ops``."""
+"""The ``cpu`` backend: the OpenMP C++ kernels of ``csrc/``, called as ``torch.ops``.
+
+Phase 2 in steps runs fused (csrc/steps_cpu.cpp): one parallel region per step, through the
+ops `CompiledOpsBackend` calls.
+"""
 
 from __future__ import annotations
 
 import torch
-from torch import Tensor
 
 from cs_kernels import _extension
 from cs_kernels.backends.compiled import CompiledOpsBackend
-from cs_kernels.plan import Phase2Plan
 
 
 class CpuBackend(CompiledOpsBackend):
@@ -18,66 +20,3 @@ class CpuBackend(CompiledOpsBackend):
 
     def supports(self, device: torch.device) -> bool:
         return device.type == "cpu"
-
-    # Phase 2 in steps: fused kernels (csrc/steps_cpu.cpp), one parallel region per call.
-
-    def channel_gram(self, grads: Tensor, plan: Phase2Plan) -> Tensor:
-        return self._gram(grads, plan, None)
-
-    def channel_gram_and_sum(self, grads: Tensor, plan: Phase2Plan, *, out: Tensor) -> Tensor:
-        return self._gram(grads, plan, out)
-
-    def _gram(self, grads: Tensor, plan: Phase2Plan, out: Tensor | None) -> Tensor:
-        gram: Tensor = torch.ops.cs_kernels.channel_gram(
-            grads,
-            plan.layer_table(grads.device),
-            plan.gap_table(grads.device),
-            plan.total_channels,
-            out,
-        )
-        return gram
-
-    def project(
-        self,
-        grads: Tensor,
-        plan: Phase2Plan,
-        top: Tensor,
-        coefficients: Tensor,
-        *,
-        out: Tensor,
-        projected: Tensor | None,
-    ) -> None:
-        self._project(grads, plan, top, coefficients, False, out, projected)
-
-    def project_onto_sum(
-        self,
-        grads: Tensor,
-        plan: Phase2Plan,
-        top: Tensor,
-        coefficients: Tensor,
-        *,
-        out: Tensor,
-        projected: Tensor | None,
-    ) -> None:
-        self._project(grads, plan, top, coefficients, True, out, projected)
-
-    def _project(
-        self,
-        grads: Tensor,
-        plan: Phase2Plan,
-        top: Tensor,
-        coefficients: Tensor,
-        out_holds_sum: bool,
-        out: Tensor,
-        projected: Tensor | None,
-    ) -> None:
-        torch.ops.cs_kernels.project_(
-            grads,
-            plan.layer_table(grads.device),
-            plan.gap_table(grads.device),
-            top.contiguous(),
-            coefficients,
-            out_holds_sum,
-            out,
-            projected,
-        )

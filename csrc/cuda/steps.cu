@@ -33,8 +33,13 @@ constexpr int kStepTile = 8;                               // tasks per register
 constexpr int64_t kStepChunk = int64_t{kThreads} * kStepEPT;  // longest piece one block holds
 constexpr std::size_t kStepAlign = 256;
 
-enum StepKind : int32_t { kStepSkip = 0, kStepRows = 1, kStepSplit = 2, kStepGap = 3,
-                          kStepElements = 4 };
+enum StepKind : int32_t {
+  kStepSkip = 0,
+  kStepRows = 1,      // gram: whole rows, `lanes` threads each
+  kStepSplit = 2,     // gram: a long row, one item per kStepChunk piece
+  kStepGap = 3,       // plainly summed elements
+  kStepElements = 4,  // projection: kStepChunk elements of a layer per item
+};
 
 // One layer (table order) or gap, cut into work items by the setup kernel.
 struct StepSegment {
@@ -147,7 +152,8 @@ __device__ StepSegment plan_step_segment(const StepParams<scalar_t>& p, int64_t 
       const int64_t lanes = next_pow2(ceil_div(g.row_length, kStepEPT));
       g.lanes = static_cast<int32_t>(min64(lanes, kThreads));
       const int64_t per_iteration = (kThreads / g.lanes) * g.row_length;
-      const int64_t iterations = per_iteration >= kStepChunk ? 1 : ceil_div(kStepChunk, per_iteration);
+      const int64_t iterations =
+          per_iteration >= kStepChunk ? 1 : ceil_div(kStepChunk, per_iteration);
       g.rows_per_item = static_cast<int32_t>((kThreads / g.lanes) * iterations);
       g.items = ceil_div(g.rows, g.rows_per_item);
     } else {
@@ -348,7 +354,9 @@ __global__ void __launch_bounds__(kThreads) gram_main(StepParams<scalar_t> p) {
       const int64_t len = min64(kStepChunk, seg.row_length - local * kStepChunk);
       for (int64_t e = threadIdx.x; e < len; e += kThreads) {
         acc_t sum = acc_t(0);
-        for (int j = 0; j < tasks; ++j) sum += load_acc<scalar_t, acc_t>(p.grads + j * p.numel + base + e);
+        for (int j = 0; j < tasks; ++j) {
+          sum += load_acc<scalar_t, acc_t>(p.grads + j * p.numel + base + e);
+        }
         store_rounded(p.sum_out + base + e, sum);
       }
     }
@@ -503,8 +511,9 @@ const char* gram_typed(const StepsProblem& pr, void* gram, void* sum_out, void* 
   CSK_LAUNCH(steps_setup<scalar_t>, 1 + zero_blocks, kThreads, stream, p);
   if (const char* error = launch_error()) return error;
   static int main_blocks = 0, finish_blocks = 0;
-  CSK_LAUNCH(gram_main<scalar_t>, persistent_grid(gram_main<scalar_t>, &main_blocks, lay.item_bound),
-             kThreads, stream, p);
+  CSK_LAUNCH(gram_main<scalar_t>,
+             persistent_grid(gram_main<scalar_t>, &main_blocks, lay.item_bound), kThreads,
+             stream, p);
   if (const char* error = launch_error()) return error;
   CSK_LAUNCH(gram_finish<scalar_t>,
              persistent_grid(gram_finish<scalar_t>, &finish_blocks, lay.item_bound), kThreads,
