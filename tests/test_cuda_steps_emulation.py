@@ -106,6 +106,12 @@ def emu(tmp_path_factory: pytest.TempPathFactory) -> StepKernels:
     return StepKernels(_build(64, Path(tmp_path_factory.mktemp("emu"))).lib)
 
 
+@pytest.fixture(scope="module")
+def emu512(tmp_path_factory: pytest.TempPathFactory) -> StepKernels:
+    """The production block size (512 threads)."""
+    return StepKernels(_build(512, Path(tmp_path_factory.mktemp("emu"))).lib)
+
+
 def _tables(plan: ck.Phase2Plan) -> tuple[torch.Tensor, torch.Tensor]:
     return plan.layer_table("cpu"), plan.gap_table("cpu")
 
@@ -277,3 +283,22 @@ def test_invalid_tables_never_touch_memory_outside_the_buffers(emu: StepKernels)
     )
     assert torch.equal(out, torch.zeros(1100))
     assert projected is not None and bool(projected.isnan().all())
+
+
+@pytest.mark.parametrize(("tasks", "dtype"), [(3, torch.float32), (10, torch.bfloat16)], ids=str)
+def test_production_block_size_covers_every_row_regime(
+    emu512: StepKernels, tasks: int, dtype: torch.dtype
+) -> None:
+    """512 threads (the real block): 1 thread per row (D <= 8), 2..256 threads, a whole block
+    (D up to 4,096, warps summed through shared memory) and rows cut into pieces (D > 4,096),
+    gaps around; a layer of several items."""
+    layers = [(3, 700, 1), (710, 90, 9), (1550, 33, 100), (4900, 9, 576), (10_100, 2, 2304),
+              (14_800, 1, 4096), (19_000, 2, 4097)]  # fmt: skip
+    plan = ck.Phase2Plan(layers, 27_300)
+    gen = torch.Generator().manual_seed(tasks)
+    grads = torch.randn(tasks, plan.numel, generator=gen).to(dtype)
+    top = torch.randint(0, tasks, (plan.total_channels,), generator=gen)
+    emu512.configure(multiprocessors=3)
+    _check_gram(emu512, plan, grads, "regimes")
+    _check_projection(emu512, plan, grads, top, "regimes")
+    emu512.configure()
