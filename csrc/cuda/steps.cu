@@ -423,9 +423,17 @@ __global__ void __launch_bounds__(kThreads) project_main(StepParams<scalar_t> p)
     int64_t last = -1, top = 0;
     bool valid = false;
     acc_t shrink = acc_t(0);
+    // The item's first row and its position in it: then the channel of each element is one
+    // 32-bit division when rows are shorter than 2^31 - kStepChunk (always, in practice).
+    const int64_t first_row = start / seg.row_length, into_row = start % seg.row_length;
+    const bool narrow = seg.row_length <= int64_t{0x7fffffff} - kStepChunk;
     for (int64_t e = threadIdx.x; e < len; e += kThreads) {
       const int64_t rel = start + e;
-      const int64_t c = seg.first + rel / seg.row_length;
+      const int64_t past = into_row + e;  // < row_length + kStepChunk
+      const int64_t c = seg.first + first_row +
+                        (narrow ? static_cast<int64_t>(static_cast<uint32_t>(past) /
+                                                       static_cast<uint32_t>(seg.row_length))
+                                : past / seg.row_length);
       if (c != last) {
         last = c;
         top = ld(p.top + c);
