@@ -7,8 +7,8 @@
 //     1. setup: cuts every layer (and gap) into work items, as phase2.cu does (whole rows
 //        batched per item, rows longer than kChunk cut into pieces), and zeroes `gram`;
 //     2. main: per item, one read of the rows; a group of `lanes` threads per row piece
-//        computes the T (T + 1) / 2 dots of the piece in register tiles of kTile tasks;
-//        whole rows store into `gram`, the pieces of a long row into scratch;
+//        computes the T (T + 1) / 2 dots of the piece in register tiles of 8 tasks (4 when
+//        T <= 4); whole rows store into `gram`, the pieces of a long row into scratch;
 //     3. finish: a long row's pieces added in piece order (a fixed order) into `gram`.
 // project_: out = sum_t G_t - (sum_j coef[j, c]) * G_top(c)[c] on every channel row, the plain
 //   sum elsewhere; with `out_holds_sum` only rows with a non-zero shrink are rewritten (fp32/fp64
@@ -29,7 +29,10 @@ namespace cuda {
 namespace {
 
 constexpr int kStepEPT = 8;                                // row elements a thread holds
-constexpr int kStepTile = 8;                               // tasks per register tile (Gram)
+// Tasks per register tile of the Gram pass: 8, or 4 for T <= 4 (fewer idle registers and
+// shuffles for the small task counts of most models).
+constexpr int kStepTile = 8;
+constexpr int kStepSmallTile = 4;
 constexpr int64_t kStepChunk = int64_t{kThreads} * kStepEPT;  // longest piece one block holds
 constexpr std::size_t kStepAlign = 256;
 
@@ -254,7 +257,7 @@ __device__ __forceinline__ int64_t pair_index(int64_t i, int64_t j, int64_t task
 // (`channel` >= 0) store into gram[channel], pieces of a long row into partials[slot].
 // Tasks i of a tile are held in registers while every task j >= the tile's first streams by;
 // the plain sum comes from the first tile's stream (every task, in order).
-template <typename scalar_t>
+template <typename scalar_t, int kTile>
 __device__ __forceinline__ void gram_piece(const StepParams<scalar_t>& p, int lanes, int64_t base,
                                            int len, int64_t channel, int64_t slot,
                                            typename Acc<scalar_t>::type* red) {
@@ -266,10 +269,10 @@ __device__ __forceinline__ void gram_piece(const StepParams<scalar_t>& p, int la
   acc_t sum[kStepEPT];
   CSK_UNROLL
   for (int k = 0; k < kStepEPT; ++k) sum[k] = acc_t(0);
-  for (int i0 = 0; i0 < tasks; i0 += kStepTile) {
-    acc_t a[kStepTile][kStepEPT];
+  for (int i0 = 0; i0 < tasks; i0 += kTile) {
+    acc_t a[kTile][kStepEPT];
     CSK_UNROLL
-    for (int ii = 0; ii < kStepTile; ++ii) {
+    for (int ii = 0; ii < kTile; ++ii) {
       CSK_UNROLL
       for (int k = 0; k < kStepEPT; ++k) {
         const int e = sub + k * lanes;
@@ -286,18 +289,18 @@ __device__ __forceinline__ void gram_piece(const StepParams<scalar_t>& p, int la
         b[k] = e < len ? load_acc<scalar_t, acc_t>(g + j * numel + e) : acc_t(0);
         if (i0 == 0) sum[k] += b[k];
       }
-      acc_t dot[kStepTile];
+      acc_t dot[kTile];
       CSK_UNROLL
-      for (int ii = 0; ii < kStepTile; ++ii) {
+      for (int ii = 0; ii < kTile; ++ii) {
         acc_t d = acc_t(0);
         CSK_UNROLL
         for (int k = 0; k < kStepEPT; ++k) d += a[ii][k] * b[k];
         dot[ii] = d;
       }
-      group_sum<kStepTile>(dot, lanes, red);
+      group_sum<kTile>(dot, lanes, red);
       if (sub == 0 && len > 0) {
         CSK_UNROLL
-        for (int ii = 0; ii < kStepTile; ++ii) {
+        for (int ii = 0; ii < kTile; ++ii) {
           const int i = i0 + ii;
           if (i > j) continue;
           if (channel >= 0) {
@@ -320,10 +323,10 @@ __device__ __forceinline__ void gram_piece(const StepParams<scalar_t>& p, int la
   }
 }
 
-template <typename scalar_t>
+template <typename scalar_t, int kTile>
 __global__ void __launch_bounds__(kThreads) gram_main(StepParams<scalar_t> p) {
   using acc_t = typename Acc<scalar_t>::type;
-  __shared__ acc_t red[kStepTile * kWarps];
+  __shared__ acc_t red[kTile * kWarps];
   const int64_t num_items = ld(p.num_items);
   const int64_t num_segments = p.num_layers + p.num_gaps;
   const int tasks = static_cast<int>(p.tasks);
@@ -340,15 +343,15 @@ __global__ void __launch_bounds__(kThreads) gram_main(StepParams<scalar_t> p) {
         const int64_t row = r + group;
         const bool here = row < r_end;
         const int64_t base = seg.offset + (here ? row : 0) * seg.row_length;
-        gram_piece(p, lanes, base, here ? static_cast<int>(seg.row_length) : 0,
-                   seg.first + (here ? row : 0), -1, red);
+        const int len = here ? static_cast<int>(seg.row_length) : 0;
+        gram_piece<scalar_t, kTile>(p, lanes, base, len, seg.first + (here ? row : 0), -1, red);
       }
     } else if (seg.kind == kStepSplit) {
       const int64_t c = local / seg.pieces_per_row;
       const int64_t k = local % seg.pieces_per_row;
       const int64_t base = seg.offset + c * seg.row_length + k * kStepChunk;
       const int len = static_cast<int>(min64(kStepChunk, seg.row_length - k * kStepChunk));
-      gram_piece(p, kThreads, base, len, -1, seg.piece_begin + local, red);
+      gram_piece<scalar_t, kTile>(p, kThreads, base, len, -1, seg.piece_begin + local, red);
     } else if (seg.kind == kStepGap && p.sum_out != nullptr) {
       const int64_t base = seg.offset + local * kStepChunk;
       const int64_t len = min64(kStepChunk, seg.row_length - local * kStepChunk);
@@ -505,6 +508,15 @@ int persistent_grid(Kernel kernel, int* cache, int64_t item_bound) {
   return static_cast<int>(max64(1, min64(multiprocessor_count() * int64_t{*cache}, item_bound)));
 }
 
+// The Gram main pass with register tiles of kTile tasks.
+template <typename scalar_t, int kTile>
+const char* launch_gram_main(const StepParams<scalar_t>& p, int64_t item_bound, void* stream) {
+  static int blocks = 0;
+  const auto kernel = gram_main<scalar_t, kTile>;  // (no comma inside the launch macro)
+  CSK_LAUNCH(kernel, persistent_grid(kernel, &blocks, item_bound), kThreads, stream, p);
+  return launch_error();
+}
+
 template <typename scalar_t>
 const char* gram_typed(const StepsProblem& pr, void* gram, void* sum_out, void* workspace,
                        void* stream) {
@@ -518,11 +530,11 @@ const char* gram_typed(const StepsProblem& pr, void* gram, void* sum_out, void* 
   const int zero_blocks = static_cast<int>(min64(ceil_div(cells, kThreads), 1024));
   CSK_LAUNCH(steps_setup<scalar_t>, 1 + zero_blocks, kThreads, stream, p);
   if (const char* error = launch_error()) return error;
-  static int main_blocks = 0, finish_blocks = 0;
-  CSK_LAUNCH(gram_main<scalar_t>,
-             persistent_grid(gram_main<scalar_t>, &main_blocks, lay.item_bound), kThreads,
-             stream, p);
-  if (const char* error = launch_error()) return error;
+  const char* error = pr.tasks <= kStepSmallTile
+                          ? launch_gram_main<scalar_t, kStepSmallTile>(p, lay.item_bound, stream)
+                          : launch_gram_main<scalar_t, kStepTile>(p, lay.item_bound, stream);
+  if (error != nullptr) return error;
+  static int finish_blocks = 0;
   CSK_LAUNCH(gram_finish<scalar_t>,
              persistent_grid(gram_finish<scalar_t>, &finish_blocks, lay.item_bound), kThreads,
              stream, p);
