@@ -52,6 +52,13 @@ def _channel_gram_fake(
     return grads.new_empty((channels, tasks, tasks), dtype=dtype)
 
 
+def _projection_coefficients_fake(
+    gram: torch.Tensor, layers: torch.Tensor, top: torch.Tensor, group_mode: bool,
+    project_uniform: bool,
+) -> torch.Tensor:  # fmt: skip
+    return gram.new_empty((gram.shape[1], gram.shape[0]))
+
+
 def _register_fakes() -> None:
     """Shape-only implementations so torch.compile can trace through the compiled ops."""
     torch.library.register_fake("cs_kernels::row_sqnorm", _row_sqnorm_fake)
@@ -62,6 +69,10 @@ def _register_fakes() -> None:
     if hasattr(torch.ops.cs_kernels, "channel_gram"):  # absent from builds before the steps
         torch.library.register_fake("cs_kernels::channel_gram", _channel_gram_fake)
         torch.library.register_fake("cs_kernels::project_", _phase2_fake)
+    if hasattr(torch.ops.cs_kernels, "projection_coefficients"):
+        torch.library.register_fake(
+            "cs_kernels::projection_coefficients", _projection_coefficients_fake
+        )
 
 
 def load() -> bool:

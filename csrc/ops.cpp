@@ -24,6 +24,11 @@ TORCH_LIBRARY(cs_kernels, m) {
       "Tensor(a!)? sum_out) -> Tensor");
   // top int64 [C], coefficients [T, C]: writes out [N] (onto the plain sum already in it when
   // out_holds_sum) and, when given, projected [T, N].
+  // gram [C, T, T] (fp32/fp64), layers int64 [L, 4], top int64 [C] -> [T, C] projection
+  // coefficients (CPU only).
+  m.def(
+      "projection_coefficients(Tensor gram, Tensor layers, Tensor top, bool group_mode, "
+      "bool project_uniform) -> Tensor");
   m.def(
       "project_(Tensor grads, Tensor layers, Tensor gaps, Tensor top, Tensor coefficients, "
       "bool out_holds_sum, Tensor(a!) out, Tensor(b!)? projected) -> ()");

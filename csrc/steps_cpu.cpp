@@ -475,11 +475,91 @@ void project_cpu(const at::Tensor& grads, const at::Tensor& layers, const at::Te
   });
 }
 
+namespace {
+
+// One layer's coefficients (see projection_coefficients_cpu). `a` accumulates the group sums
+// in channel order: a fixed order, whatever the thread count.
+template <typename acc_t>
+void layer_coefficients(const acc_t* gram, const int64_t* top, int64_t tasks, int64_t channels,
+                        int64_t first, int64_t count, bool group_mode, bool project_uniform,
+                        acc_t* coef) {
+  const auto tt = static_cast<size_t>(tasks);
+  std::vector<acc_t> sums(group_mode ? tt * tt : 0, acc_t(0));  // [top i, task j]
+  std::vector<int64_t> members(tt, 0);
+  for (int64_t c = first; c < first + count; ++c) {
+    const int64_t i = top[c];
+    if (i < 0 || i >= tasks) continue;  // out of range: left unprojected (checked by the API)
+    ++members[i];
+    if (group_mode) {
+      const acc_t* row = gram + (c * tasks + i) * tasks;
+      for (int64_t j = 0; j < tasks; ++j) sums[i * tasks + j] += row[j];
+    }
+  }
+  const bool uniform = *std::max_element(members.begin(), members.end()) == count;
+  if (uniform && !project_uniform) return;  // a uniform-priority layer is plainly summed
+  for (int64_t c = first; c < first + count; ++c) {
+    const int64_t i = top[c];
+    if (i < 0 || i >= tasks) continue;
+    const acc_t* a = group_mode ? sums.data() + i * tasks : gram + (c * tasks + i) * tasks;
+    const acc_t norm_sq = a[i];
+    if (!(norm_sq > 0)) continue;
+    for (int64_t j = 0; j < tasks; ++j) {
+      if (j != i && a[j] < 0) coef[j * channels + c] = a[j] / norm_sq;
+    }
+  }
+}
+
+}  // namespace
+
+// gram [C, T, T] (fp32/fp64), layers int64 [L, 4], top int64 [C] -> [T, C] coefficients:
+// coef[j, c] = a_j / a_i for the channel's top task i, j != i, where a_j < 0 and a_i > 0;
+// a = the row <G_i[c], G_j[c]> of the channel's Gram matrix (channel mode) or its sum over the
+// channels of the layer with the same top task (group mode). Zero elsewhere, and on every
+// channel of a layer whose channels share one top task unless project_uniform.
+at::Tensor projection_coefficients_cpu(const at::Tensor& gram, const at::Tensor& layers,
+                                       const at::Tensor& top, bool group_mode,
+                                       bool project_uniform) {
+  TORCH_CHECK(gram.device().is_cpu() && gram.dim() == 3 && gram.size(1) == gram.size(2) &&
+                  (gram.scalar_type() == at::kFloat || gram.scalar_type() == at::kDouble),
+              "gram must be a float32 or float64 CPU [C, T, T] tensor");
+  const int64_t channels = gram.size(0), tasks = gram.size(1);
+  TORCH_CHECK(top.device().is_cpu() && top.scalar_type() == at::kLong && top.dim() == 1 &&
+                  top.numel() == channels,
+              "top must be a CPU int64 [C] tensor, C = gram.size(0)");
+  TORCH_CHECK(layers.device().is_cpu() && layers.dim() == 2 && layers.size(1) == 4 &&
+                  layers.scalar_type() == at::kLong,
+              "layers must be a CPU int64 [L, 4] tensor");
+  const at::Tensor table = layers.contiguous();
+  const int64_t* rows = table.data_ptr<int64_t>();
+  const int64_t num_layers = table.size(0);
+  for (int64_t l = 0; l < num_layers; ++l) {
+    TORCH_CHECK(rows[4 * l + 1] >= 1 && rows[4 * l + 3] >= 0 &&
+                    rows[4 * l + 3] + rows[4 * l + 1] <= channels,
+                "layers row ", l, " does not fit gram [C, T, T]");
+  }
+  at::Tensor coef = at::zeros({tasks, channels}, gram.options());
+  if (tasks == 0 || channels == 0) return coef;
+  const at::Tensor g = gram.contiguous();
+  const at::Tensor t = top.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(gram.scalar_type(), "projection_coefficients", [&] {
+    // Layers are independent: each writes only its own channels' columns.
+    at::parallel_for(0, num_layers, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t l = begin; l < end; ++l) {
+        layer_coefficients<scalar_t>(g.data_ptr<scalar_t>(), t.data_ptr<int64_t>(), tasks,
+                                     channels, rows[4 * l + 3], rows[4 * l + 1], group_mode,
+                                     project_uniform, coef.data_ptr<scalar_t>());
+      }
+    });
+  });
+  return coef;
+}
+
 }  // namespace steps
 
 TORCH_LIBRARY_IMPL(cs_kernels, CPU, m) {
   m.impl("channel_gram", &steps::channel_gram_cpu);
   m.impl("project_", &steps::project_cpu);
+  m.impl("projection_coefficients", &steps::projection_coefficients_cpu);
 }
 
 }  // namespace cs_kernels

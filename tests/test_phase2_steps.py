@@ -55,6 +55,39 @@ def test_steps_compose_to_phase2(case: Case, dtype: torch.dtype, device: torch.d
             assert_close(per_task, expected_tasks, dtype, what + " per_task")
 
 
+# Backends with their own coefficient step (the cpu kernel), beside the default code.
+COEF_BACKENDS = [
+    "torch",
+    *(
+        b for b in FAST_BACKENDS
+        if type(BACKEND_TABLE[b]).projection_coefficients is not Backend.projection_coefficients
+    ),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_coefficients_match_the_reference(case: Case, dtype: torch.dtype, device) -> None:
+    """The coefficient step alone, on the oracle's Gram matrices: group sums, the conflict
+    test, the uniform-priority rule, empty groups, zero rows, T = 1 and T = 24."""
+    grads, top = case.build(device, dtype)
+    gram = ck.channel_gram(grads, case.plan, backend="reference").to(dtype)
+    for mode, uniform in SETTINGS:
+        expected = ck.projection_coefficients(
+            gram, case.plan, top, mode=mode, uniform=uniform, backend="reference"
+        )
+        for backend in COEF_BACKENDS:
+            if not BACKEND_TABLE[backend].supports(gram.device):
+                continue
+            actual = ck.projection_coefficients(
+                gram, case.plan, top, mode=mode, uniform=uniform, backend=backend
+            )
+            what = f"{backend} {mode}/{uniform}"
+            assert_close(actual, expected, dtype, what)
+            # The same channels project (no sign decided differently near zero here).
+            assert torch.equal(actual != 0, expected != 0), what
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gram_matches_the_rows(backend: str, device: torch.device) -> None:
     gen = torch.Generator().manual_seed(3)

@@ -144,6 +144,21 @@ class FactorTable:
             self.dtype
         )
 
+    def constant_a(self) -> Tensor | None:
+        """``[T * total_channels]`` ``a`` when it is constant (no linear heads, LayerNorm maps
+        or user tensors: the table's own ones and zeros), else None."""
+        return self._a_cache
+
+    def g_entries(self) -> list[tuple[int, Tensor]]:
+        """``(offset, tensor)`` of every ``g`` entry: its place in the flat ``[T *
+        total_channels]`` layout of `parts`' second half, and the tensor it is read from
+        (a module parameter or a table constant, ``numel`` = the layer's channels)."""
+        entries, offset = [], 0
+        for g in self._g:
+            entries.append((offset, g))
+            offset += g.numel()
+        return entries
+
     def compute(self) -> Tensor:
         """``[T, total_channels]`` factors from the live module parameters (detached)."""
         with torch.no_grad():

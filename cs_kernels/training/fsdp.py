@@ -75,6 +75,16 @@ def local_tensor(tensor: Tensor) -> Tensor:
     return tensor.to_local() if is_dtensor(tensor) else tensor  # type: ignore[attr-defined]
 
 
+def local_data(tensor: Tensor) -> Tensor:
+    """This rank's shard of a DTensor as a plain tensor, for reading on the hot path: the
+    DTensor's own local tensor when it exposes one (no dispatch through the subclass, which
+    costs tens of microseconds a call), else `local_tensor`."""
+    if not is_dtensor(tensor):
+        return tensor
+    local = getattr(tensor, "_local_tensor", None)
+    return local if isinstance(local, Tensor) else local_tensor(tensor)
+
+
 def as_grad(param: Tensor, view: Tensor) -> Tensor:
     """What ``param.grad`` must be to hold ``view`` (this rank's shard): a DTensor for a
     DTensor parameter, with the parameter's mesh, placements, shape and stride."""
@@ -355,8 +365,14 @@ class ShardedPhase2:
         self.buffers = list(buffers)
         t, c = self.num_tasks, plan.total_channels
         upper = torch.triu_indices(t, t)
-        self._upper = (upper[0].to(device), upper[1].to(device))
-        pairs = self._upper[0].numel()
+        pairs = upper.shape[1]
+        # [pairs] flat positions i*T+j (i <= j) of a T x T Gram matrix, and [T*T] the pair of
+        # every position: packing and unpacking are one index_select each.
+        self._upper_flat = (upper[0] * t + upper[1]).to(device)
+        pair_of = torch.empty(t, t, dtype=torch.int64)
+        pair_of[upper[0], upper[1]] = torch.arange(pairs)
+        pair_of[upper[1], upper[0]] = torch.arange(pairs)
+        self._pair_of = pair_of.view(-1).to(device)
         gram = c * pairs if mode == "group" else 0
         self._sizes = (c, 2 * t * c, gram, sum(b.numel() for b in self.buffers))
         self.payload = torch.zeros(sum(self._sizes), dtype=self.acc, device=device)
@@ -364,7 +380,11 @@ class ShardedPhase2:
         self._norms, self._parts, self._packed = norms, parts.view(2, t, c), packed
         self._gram = grams.view(-1, pairs)  # [C, pairs] in group mode, empty otherwise
         self._buffer_views = _split(packed, self.buffers)
+        self._buffers_cat = all(
+            b.dtype == self.acc and b.is_contiguous() and b.device == device for b in self.buffers
+        )
         self.factors = FactorTable(connections, tasks, device, self.acc, read=self.share)
+        self._share_copies = self._plan_share_copies()
         self.reductions = 0
 
     # ------------------------------------------------------------------ shares
@@ -381,14 +401,67 @@ class ShardedPhase2:
             return full
         return tensor if self.mesh.rank == 0 else torch.zeros_like(tensor)
 
+    def _plan_share_copies(self) -> tuple[list[Tensor], list[Tensor]] | None:
+        """This rank's shares of the factor parts as copies into the (zeroed) payload:
+        ``(destinations, sources)``, the sources being the tensors to read (DTensors are read
+        through `local_data` at each call). None when the factors need `FactorTable.parts`
+        (``a`` computed from the model, or a tensor not split as ``torch.chunk`` does).
+
+        So filling the parts costs one ``_foreach_copy_`` instead of a zero-filled full
+        tensor per entry: what `share` does, and most of the sharded Phase 2's time besides
+        the passes over the rows at ResNet-50 scale (318 entries at T = 3).
+        """
+        a = self.factors.constant_a()
+        if a is None:
+            return None
+        dests: list[Tensor] = []
+        sources: list[Tensor] = []
+        if self.mesh.rank == 0:  # the table's own constants: rank 0's share is all of it
+            dests.append(self._parts[0].view(-1))
+            sources.append(a)
+        flat_g = self._parts[1].view(-1)
+        for offset, g in self.factors.g_entries():
+            if is_dtensor(g):
+                placements = tuple(g.placements)  # type: ignore[attr-defined]
+                if not (
+                    g.dim() == 1 and len(placements) == 1
+                    and type(placements[0]).__name__ == "Shard" and placements[0].dim == 0
+                ):  # fmt: skip
+                    return None
+                start, stop = self.mesh.rows(int(g.shape[0]))
+                if local_data(g).numel() != stop - start:
+                    return None
+                if stop > start:
+                    dests.append(flat_g[offset + start : offset + stop])
+                    sources.append(g)
+            elif self.mesh.rank == 0:
+                dests.append(flat_g[offset : offset + g.numel()])
+                sources.append(g)
+        return dests, sources
+
     def _local_norms(self) -> Tensor:
-        weights = [local_tensor(w) for w in self._weights]
+        weights = [local_data(w) for w in self._weights]
         return plan_row_sqnorm(weights, self.plan, backend=self.backend).to(self.acc)
 
     def _fill_strength_inputs(self) -> None:
         self.payload.zero_()
         self._norms.index_copy_(0, self.local_channels, self._local_norms())
-        self._parts.copy_(self.factors.parts())
+        if self._share_copies is None:
+            self._parts.copy_(self.factors.parts())
+            return
+        dests, sources = self._share_copies
+        if dests:
+            torch._foreach_copy_(dests, [local_data(s).view(-1) for s in sources])
+
+    def _pack_buffers(self) -> None:
+        """The model buffers into the payload: one concatenation when they share its dtype
+        (hundreds of BatchNorm statistics: one op rather than a copy each)."""
+        if not self.buffers:
+            return
+        if self._buffers_cat:
+            torch.cat([b.view(-1) for b in self.buffers], out=self._packed)
+        else:
+            torch._foreach_copy_(self._buffer_views, self.buffers)
 
     def _all_reduce(self, tensor: Tensor) -> None:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.mesh.group)
@@ -414,10 +487,9 @@ class ShardedPhase2:
                 grads, self.plan, out=out if fuse_sum else None, backend=self.backend
             )  # [C_loc, T, T]
             if self.mode == "group":
-                packed = local_gram[:, self._upper[0], self._upper[1]]
+                packed = local_gram.reshape(-1, t * t).index_select(1, self._upper_flat)
                 self._gram.index_copy_(0, self.local_channels, packed)
-            if self.buffers:
-                torch._foreach_copy_(self._buffer_views, self.buffers)
+            self._pack_buffers()
             self._all_reduce(self.payload)
             if self.buffers:
                 self._packed.div_(self.mesh.world)
@@ -425,13 +497,11 @@ class ShardedPhase2:
             top = plan_top_priority(
                 self._strengths(), self.full_plan, backend=self.backend, check=False
             )
-            gram = torch.zeros(
-                self.full_plan.total_channels, t, t, dtype=self.acc, device=grads.device
-            )
+            channels = self.full_plan.total_channels
             if self.mode == "group":
-                gram[:, self._upper[0], self._upper[1]] = self._gram
-                gram[:, self._upper[1], self._upper[0]] = self._gram
+                gram = self._gram.index_select(1, self._pair_of).view(channels, t, t)
             else:  # channel mode reads only this rank's own channels
+                gram = torch.zeros(channels, t, t, dtype=self.acc, device=grads.device)
                 gram.index_copy_(0, self.local_channels, local_gram)
             coef = projection_coefficients(
                 gram, self.full_plan, top, mode=self.mode, uniform=self.uniform,
@@ -440,8 +510,8 @@ class ShardedPhase2:
             apply_projection(
                 grads,
                 self.plan,
-                top[self.local_channels],
-                coef[:, self.local_channels],
+                top.index_select(0, self.local_channels),
+                coef.index_select(1, self.local_channels),
                 out=out,
                 out_holds_sum=fuse_sum,
                 backend=self.backend,
@@ -469,7 +539,7 @@ class ShardedPhase2:
         if not self.buffers:
             return
         with torch.no_grad():
-            torch._foreach_copy_(self._buffer_views, self.buffers)
+            self._pack_buffers()
             self._all_reduce(self._packed)
             self._packed.div_(self.mesh.world)
             torch._foreach_copy_(self.buffers, self._buffer_views)
