@@ -11,6 +11,8 @@
 #include <c10/core/DeviceGuard.h>
 #include <torch/library.h>
 
+#include <cstddef>
+#include <initializer_list>
 #include <vector>
 
 // The CUDA build of torch ships c10/cuda; a CPU build (used to compile-check this file, see
@@ -63,6 +65,50 @@ void check_launch(const char* error, const char* op) {
 // the start of the buffer, which the caching allocator aligns to 512 bytes.
 at::Tensor workspace(std::size_t bytes, const at::Tensor& like) {
   return at::empty({static_cast<int64_t>(bytes)}, like.options().dtype(at::kByte));
+}
+
+// Checks shared by the steps: grads, the tables (shapes, dtypes, device; their values are the
+// kernels' to skip when they do not fit) and the problem the launchers take.
+kc::StepsProblem steps_problem(const at::Tensor& grads, const at::Tensor& layers,
+                               const at::Tensor& gaps, int64_t channels) {
+  TORCH_CHECK(grads.is_cuda(), "grads must be a CUDA tensor");
+  TORCH_CHECK(grads.dim() == 2 && grads.is_contiguous(), "grads must be contiguous [T, N]");
+  TORCH_CHECK(layers.scalar_type() == at::kLong && layers.dim() == 2 && layers.size(1) == 4 &&
+                  layers.is_contiguous(),
+              "layers must be contiguous int64 [L, 4]");
+  TORCH_CHECK(gaps.scalar_type() == at::kLong && gaps.dim() == 2 && gaps.size(1) == 2 &&
+                  gaps.is_contiguous(),
+              "gaps must be contiguous int64 [G, 2]");
+  TORCH_CHECK(channels >= 0, "channels must be >= 0, got ", channels);
+  check_on(layers, grads.device(), "layers");
+  check_on(gaps, grads.device(), "gaps");
+  kc::StepsProblem problem;
+  problem.dtype = kernel_dtype(grads, "grads");
+  problem.grads = grads.data_ptr();
+  problem.tasks = grads.size(0);
+  problem.numel = grads.size(1);
+  problem.layers = layers.data_ptr<int64_t>();
+  problem.num_layers = layers.size(0);
+  problem.gaps = gaps.data_ptr<int64_t>();
+  problem.num_gaps = gaps.size(0);
+  problem.total_channels = channels;
+  return problem;
+}
+
+void check_step_out(const at::Tensor& t, const at::Tensor& grads, const char* name) {
+  TORCH_CHECK(t.is_contiguous() && t.dim() == 1 && t.numel() == grads.size(1) &&
+                  t.scalar_type() == grads.scalar_type(),
+              name, " must be a contiguous [N] tensor of the dtype of grads");
+  check_on(t, grads.device(), name);
+}
+
+// Whether the bytes of `a` and `b` overlap (the kernels keep reading `b` while writing `a`).
+bool bytes_overlap(const at::Tensor& a, const at::Tensor& b) {
+  const auto* a0 = static_cast<const char*>(a.data_ptr());
+  const auto* b0 = static_cast<const char*>(b.data_ptr());
+  const auto a_bytes = static_cast<std::ptrdiff_t>(a.numel() * a.element_size());
+  const auto b_bytes = static_cast<std::ptrdiff_t>(b.numel() * b.element_size());
+  return a_bytes > 0 && b_bytes > 0 && a0 < b0 + b_bytes && b0 < a0 + a_bytes;
 }
 
 }  // namespace
@@ -181,11 +227,74 @@ void phase2_cuda(const at::Tensor& grads, const at::Tensor& layers, const at::Te
   check_launch(kc::phase2_launch(problem, scratch.data_ptr(), current_stream(device)), "phase2_");
 }
 
+at::Tensor channel_gram_cuda(const at::Tensor& grads, const at::Tensor& layers,
+                             const at::Tensor& gaps, int64_t channels,
+                             const c10::optional<at::Tensor>& sum_out) {
+  const kc::StepsProblem problem = steps_problem(grads, layers, gaps, channels);
+  const bool with_sum = sum_out.has_value() && sum_out->defined();
+  if (with_sum) check_step_out(*sum_out, grads, "sum_out");
+  const c10::DeviceGuard guard(grads.device());
+  const auto acc = grads.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto options = grads.options().dtype(acc);
+  if (problem.tasks == 0) return at::zeros({channels, 0, 0}, options);
+  // Every entry is written by the kernels (zero for channels no layer covers).
+  at::Tensor gram = at::empty({channels, problem.tasks, problem.tasks}, options);
+  at::Tensor scratch = workspace(kc::channel_gram_workspace_bytes(problem), grads);
+  check_launch(kc::channel_gram_launch(problem, gram.data_ptr(),
+                                       with_sum ? sum_out->data_ptr() : nullptr,
+                                       scratch.data_ptr(), current_stream(grads.device())),
+               "channel_gram");
+  return gram;
+}
+
+void project_cuda(const at::Tensor& grads, const at::Tensor& layers, const at::Tensor& gaps,
+                  const at::Tensor& top, const at::Tensor& coefficients, bool out_holds_sum,
+                  at::Tensor out, const c10::optional<at::Tensor>& projected) {
+  TORCH_CHECK(top.scalar_type() == at::kLong && top.dim() == 1, "top must be an int64 [C] tensor");
+  kc::StepsProblem problem = steps_problem(grads, layers, gaps, top.numel());
+  check_on(top, grads.device(), "top");
+  check_step_out(out, grads, "out");
+  const int64_t tasks = problem.tasks, channels = problem.total_channels;
+  TORCH_CHECK(coefficients.dim() == 2 && coefficients.size(0) == tasks &&
+                  coefficients.size(1) == channels &&
+                  at::isFloatingType(coefficients.scalar_type()),
+              "coefficients must be a floating [T, C] tensor");
+  check_on(coefficients, grads.device(), "coefficients");
+  const bool want_projected = projected.has_value() && projected->defined();
+  if (want_projected) {
+    TORCH_CHECK(projected->is_contiguous() && projected->sizes() == grads.sizes() &&
+                    projected->scalar_type() == grads.scalar_type(),
+                "projected must be contiguous with the shape and dtype of grads");
+    check_on(*projected, grads.device(), "projected");
+  }
+  if (tasks == 0 || problem.numel == 0) return;
+  const c10::DeviceGuard guard(grads.device());
+  // Device copies (C and T * C values) where the outputs could overwrite what the kernel
+  // keeps reading; the coefficients in the accumulation dtype.
+  const auto acc = grads.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor coef = coefficients.to(acc).contiguous();
+  at::Tensor tops = top.contiguous();
+  const std::initializer_list<const at::Tensor*> outputs = {
+      &out, want_projected ? &*projected : &out};
+  for (const at::Tensor* written : outputs) {
+    if (bytes_overlap(*written, coef)) coef = coef.clone();
+    if (bytes_overlap(*written, tops)) tops = tops.clone();
+  }
+  at::Tensor scratch = workspace(kc::project_workspace_bytes(problem), grads);
+  check_launch(kc::project_launch(problem, tops.data_ptr<int64_t>(), coef.data_ptr(),
+                                  out_holds_sum, out.data_ptr(),
+                                  want_projected ? projected->data_ptr() : nullptr,
+                                  scratch.data_ptr(), current_stream(grads.device())),
+               "project_");
+}
+
 TORCH_LIBRARY_IMPL(cs_kernels, CUDA, m) {
   m.impl("row_sqnorm", &row_sqnorm_cuda);
   m.impl("plan_row_sqnorm", &plan_row_sqnorm_cuda);
   m.impl("top_priority", &top_priority_cuda);
   m.impl("phase2_", &phase2_cuda);
+  m.impl("channel_gram", &channel_gram_cuda);
+  m.impl("project_", &project_cuda);
 }
 
 }  // namespace cs_kernels

@@ -257,3 +257,115 @@ def test_out_of_range_top_without_checks_sums_the_layer() -> None:
     top = torch.tensor([0, 1, 9, 2], device=CUDA)
     out = ck.project_layer(grads, top, backend="cuda", check=False)
     torch.testing.assert_close(out, grads.sum(0))
+
+
+# ------------------------------------------------------------ Phase 2 in steps, on a GPU
+
+
+def _steps_oracle(grads: torch.Tensor, plan: ck.Phase2Plan, top: torch.Tensor, mode: str):
+    """Gram matrices, coefficients and the projection by the vectorised torch steps in float64
+    (the reference steps' Python loops are too slow at full size)."""
+    rows = grads.double()
+    gram = ck.channel_gram(rows, plan, backend="torch")
+    coef = ck.projection_coefficients(gram, plan, top, mode=mode, backend="torch")
+    out, projected = ck.apply_projection(rows, plan, top, coef, per_task=True, backend="torch")
+    return gram, coef, out, projected
+
+
+def _check_steps(plan: ck.Phase2Plan, grads: torch.Tensor, top: torch.Tensor, what: str) -> None:
+    dtype = grads.dtype
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    scale = max([1] + [layer.row_length for layer in plan.layers]) ** 0.5
+    for mode in ("group", "channel"):
+        gram, _, want, want_tasks = _steps_oracle(grads, plan, top, mode)
+        total = torch.full((plan.numel,), float("nan"), dtype=dtype, device=CUDA)
+        got = ck.channel_gram(grads, plan, out=total, backend="cuda")
+        assert got.dtype == acc and torch.equal(got, ck.channel_gram(grads, plan, backend="cuda"))
+        assert_close(got / scale, (gram / scale).to(acc), dtype, f"{what} gram")
+        assert_close(total, grads.double().sum(0).to(dtype), dtype, f"{what} plain sum")
+        # The kernels' own Gram matrices give the coefficients (as in training).
+        c = ck.projection_coefficients(got, plan, top, mode=mode, backend="cuda")
+        out, projected = ck.apply_projection(grads, plan, top, c, per_task=True, backend="cuda")
+        assert_close(out, want.to(dtype), dtype, f"{what} {mode} out")
+        assert_close(projected, want_tasks.to(dtype), dtype, f"{what} {mode} per_task")
+        ck.apply_projection(grads, plan, top, c, out=total, out_holds_sum=True, backend="cuda")
+        assert_close(total, want.to(dtype), dtype, f"{what} {mode} onto the sum")
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(("model", "tasks"), [("resnet18", 3), ("resnet50", 5)])
+def test_steps_full_size_parity(model: str, tasks: int, dtype: torch.dtype) -> None:
+    plan = model_plan(model)
+    grads, top = _inputs(plan, tasks, dtype, seed=20)
+    _check_steps(plan, grads, top, f"{model} T={tasks}")
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_steps_long_rows_gaps_and_24_tasks(dtype: torch.dtype) -> None:
+    """Rows cut into many pieces (D = 300,001), a one-channel layer, gaps everywhere, T = 24."""
+    plan = ck.Phase2Plan(
+        [(5, 3, 300_001), (1_000_000, 512, 200), (1_200_000, 7000, 3), (1_300_000, 1, 1)],
+        1_300_010,
+    )
+    for tasks in (1, 24):
+        grads, top = _inputs(plan, tasks, dtype, seed=21 + tasks)
+        _check_steps(plan, grads, top, f"long rows T={tasks}")
+
+
+@gpu
+def test_steps_are_bitwise_repeatable() -> None:
+    plan = model_plan("resnet50")
+    grads, top = _inputs(plan, 5, torch.float32, seed=22)
+
+    def run() -> tuple[torch.Tensor, ...]:
+        total = torch.empty(plan.numel, device=CUDA)
+        gram = ck.channel_gram(grads, plan, out=total, backend="cuda")
+        coef = ck.projection_coefficients(gram, plan, top, backend="cuda")
+        out = ck.apply_projection(grads, plan, top, coef, backend="cuda")
+        ck.apply_projection(grads, plan, top, coef, out=total, out_holds_sum=True, backend="cuda")
+        return gram, out, total
+
+    first = run()
+    for _ in range(3):
+        for a, b in zip(first, run(), strict=True):
+            assert torch.equal(a, b)
+
+
+@gpu
+def test_steps_without_host_synchronisation() -> None:
+    """With the checks off, the fused steps (the Gram pass, the projection) never wait for
+    the GPU. (The coefficients in between are vectorised PyTorch, outside this test.)"""
+    plan = model_plan("resnet18")
+    grads, top = _inputs(plan, 3, torch.float32, seed=23)
+    total = torch.empty(plan.numel, device=CUDA)
+    coef = ck.projection_coefficients(ck.channel_gram(grads, plan, backend="cuda"), plan, top)
+
+    def step() -> None:
+        ck.channel_gram(grads, plan, backend="cuda")
+        ck.channel_gram(grads, plan, out=total, backend="cuda")
+        ck.apply_projection(grads, plan, top, coef, backend="cuda", check=False)
+        ck.apply_projection(grads, plan, top, coef, per_task=True, backend="cuda", check=False)
+        ck.apply_projection(
+            grads, plan, top, coef, out=total, out_holds_sum=True, backend="cuda", check=False
+        )
+
+    step()  # the first call copies the plan's tables to the GPU (a synchronising copy)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@gpu
+def test_steps_with_out_of_range_top_sum_the_channel() -> None:
+    """check=False skips the range check of ``top``: such a channel is plainly summed."""
+    plan = ck.Phase2Plan([(0, 4, 5)], 20)
+    grads = torch.randn(3, 20, device=CUDA)
+    top = torch.tensor([0, 1, 9, 2], device=CUDA)
+    coef = torch.full((3, 4), -0.5, device=CUDA)
+    out = ck.apply_projection(grads, plan, top, coef, backend="cuda", check=False)
+    torch.testing.assert_close(out[10:15], grads[:, 10:15].sum(0))

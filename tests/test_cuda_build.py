@@ -74,7 +74,7 @@ def test_cuda_sources_only_in_cuda_builds() -> None:
     assert "csrc/ops.cpp" in cpp and not any("cuda" in s for s in cpp) and cu == []
     cpp, cu = setup_py.sources(cuda=True)
     assert "csrc/cuda_ops.cpp" in cpp
-    assert {"csrc/cuda/phase2.cu", "csrc/cuda/strength.cu"} <= set(cu)
+    assert {"csrc/cuda/phase2.cu", "csrc/cuda/steps.cu", "csrc/cuda/strength.cu"} <= set(cu)
 
 
 def test_find_cuda_home_requires_nvcc_and_headers(tmp_path: Path) -> None:

@@ -133,7 +133,7 @@ def _build(threads: int, directory: Path) -> Emulated:
     include = _cuda_include()
     if shutil.which(compiler) is None or include is None:
         pytest.skip("needs a C++ compiler and the CUDA headers (cuda_bf16.h) for the emulation")
-    sources = [KERNELS / "phase2.cu", KERNELS / "strength.cu"]
+    sources = [KERNELS / "phase2.cu", KERNELS / "strength.cu", KERNELS / "steps.cu"]
     digest = hashlib.sha256()
     for path in sorted(KERNELS.iterdir()):
         digest.update(path.read_bytes())

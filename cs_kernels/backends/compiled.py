@@ -67,3 +67,67 @@ class CompiledOpsBackend(Backend):
             out,
             projected,
         )
+
+    # Phase 2 in steps: fused kernels (csrc/steps_cpu.cpp: one parallel region per step;
+    # csrc/cuda/steps.cu: a few launches per step whatever the number of layers).
+
+    def channel_gram(self, grads: Tensor, plan: Phase2Plan) -> Tensor:
+        return self._gram(grads, plan, None)
+
+    def channel_gram_and_sum(self, grads: Tensor, plan: Phase2Plan, *, out: Tensor) -> Tensor:
+        return self._gram(grads, plan, out)
+
+    def _gram(self, grads: Tensor, plan: Phase2Plan, out: Tensor | None) -> Tensor:
+        gram: Tensor = torch.ops.cs_kernels.channel_gram(
+            grads,
+            plan.layer_table(grads.device),
+            plan.gap_table(grads.device),
+            plan.total_channels,
+            out,
+        )
+        return gram
+
+    def project(
+        self,
+        grads: Tensor,
+        plan: Phase2Plan,
+        top: Tensor,
+        coefficients: Tensor,
+        *,
+        out: Tensor,
+        projected: Tensor | None,
+    ) -> None:
+        self._project(grads, plan, top, coefficients, False, out, projected)
+
+    def project_onto_sum(
+        self,
+        grads: Tensor,
+        plan: Phase2Plan,
+        top: Tensor,
+        coefficients: Tensor,
+        *,
+        out: Tensor,
+        projected: Tensor | None,
+    ) -> None:
+        self._project(grads, plan, top, coefficients, True, out, projected)
+
+    def _project(
+        self,
+        grads: Tensor,
+        plan: Phase2Plan,
+        top: Tensor,
+        coefficients: Tensor,
+        out_holds_sum: bool,
+        out: Tensor,
+        projected: Tensor | None,
+    ) -> None:
+        torch.ops.cs_kernels.project_(
+            grads,
+            plan.layer_table(grads.device),
+            plan.gap_table(grads.device),
+            top.contiguous(),
+            coefficients,
+            out_holds_sum,
+            out,
+            projected,
+        )

@@ -1,4 +1,8 @@
-"""The ``cpu`` backend: the OpenMP C++ kernels of ``csrc/``, called as ``torch.ops``."""
+"""The ``cpu`` backend: the OpenMP C++ kernels of ``csrc/``, called as ``torch.ops``.
+
+Phase 2 in steps runs fused (csrc/steps_cpu.cpp): one parallel region per step, through the
+ops `CompiledOpsBackend` calls; the projection coefficients too (a CPU-only op).
+"""
 
 from __future__ import annotations
 
@@ -19,24 +23,6 @@ class CpuBackend(CompiledOpsBackend):
     def supports(self, device: torch.device) -> bool:
         return device.type == "cpu"
 
-    # Phase 2 in steps: fused kernels (csrc/steps_cpu.cpp), one parallel region per call.
-
-    def channel_gram(self, grads: Tensor, plan: Phase2Plan) -> Tensor:
-        return self._gram(grads, plan, None)
-
-    def channel_gram_and_sum(self, grads: Tensor, plan: Phase2Plan, *, out: Tensor) -> Tensor:
-        return self._gram(grads, plan, out)
-
-    def _gram(self, grads: Tensor, plan: Phase2Plan, out: Tensor | None) -> Tensor:
-        gram: Tensor = torch.ops.cs_kernels.channel_gram(
-            grads,
-            plan.layer_table(grads.device),
-            plan.gap_table(grads.device),
-            plan.total_channels,
-            out,
-        )
-        return gram
-
     def projection_coefficients(
         self, gram: Tensor, plan: Phase2Plan, top: Tensor, *, group: bool, project_uniform: bool
     ) -> Tensor:
@@ -44,48 +30,3 @@ class CpuBackend(CompiledOpsBackend):
             gram, plan.layer_table(gram.device), top, group, project_uniform
         )
         return coefficients
-
-    def project(
-        self,
-        grads: Tensor,
-        plan: Phase2Plan,
-        top: Tensor,
-        coefficients: Tensor,
-        *,
-        out: Tensor,
-        projected: Tensor | None,
-    ) -> None:
-        self._project(grads, plan, top, coefficients, False, out, projected)
-
-    def project_onto_sum(
-        self,
-        grads: Tensor,
-        plan: Phase2Plan,
-        top: Tensor,
-        coefficients: Tensor,
-        *,
-        out: Tensor,
-        projected: Tensor | None,
-    ) -> None:
-        self._project(grads, plan, top, coefficients, True, out, projected)
-
-    def _project(
-        self,
-        grads: Tensor,
-        plan: Phase2Plan,
-        top: Tensor,
-        coefficients: Tensor,
-        out_holds_sum: bool,
-        out: Tensor,
-        projected: Tensor | None,
-    ) -> None:
-        torch.ops.cs_kernels.project_(
-            grads,
-            plan.layer_table(grads.device),
-            plan.gap_table(grads.device),
-            top.contiguous(),
-            coefficients,
-            out_holds_sum,
-            out,
-            projected,
-        )

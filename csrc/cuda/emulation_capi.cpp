@@ -36,6 +36,32 @@ const char* result(const char* launch_error) {
   return launch_error;
 }
 
+cs_kernels::cuda::StepsProblem steps_problem(int dtype, const void* grads, int64_t tasks,
+                                             int64_t numel, const int64_t* layers,
+                                             int64_t num_layers, const int64_t* gaps,
+                                             int64_t num_gaps, int64_t total_channels) {
+  cs_kernels::cuda::StepsProblem pr;
+  pr.dtype = static_cast<ScalarType>(dtype);
+  pr.grads = grads;
+  pr.tasks = tasks;
+  pr.numel = numel;
+  pr.layers = layers;
+  pr.num_layers = num_layers;
+  pr.gaps = gaps;
+  pr.num_gaps = num_gaps;
+  pr.total_channels = total_channels;
+  return pr;
+}
+
+// The read-only inputs every step reads: the rows and the plan's tables.
+void add_step_regions(const cs_kernels::cuda::StepsProblem& pr) {
+  const std::size_t es = element_size(static_cast<int>(pr.dtype));
+  csk_emu::add_region(pr.grads, es * static_cast<std::size_t>(pr.tasks * pr.numel), false,
+                      "grads");
+  csk_emu::add_region(pr.layers, 32 * static_cast<std::size_t>(pr.num_layers), false, "layers");
+  csk_emu::add_region(pr.gaps, 16 * static_cast<std::size_t>(pr.num_gaps), false, "gaps");
+}
+
 }  // namespace
 
 extern "C" {
@@ -113,6 +139,51 @@ const char* csk_emu_top_priority(int fp64, const void* strength, int64_t tasks,
   return result(cs_kernels::cuda::top_priority_launch(fp64 != 0, strength, tasks, total_channels,
                                                       layers, num_layers, top, workspace,
                                                       nullptr));
+}
+
+const char* csk_emu_channel_gram(int dtype, const void* grads, int64_t tasks, int64_t numel,
+                                 const int64_t* layers, int64_t num_layers, const int64_t* gaps,
+                                 int64_t num_gaps, int64_t total_channels, void* gram,
+                                 void* sum_out) {
+  csk_emu::reset();
+  const cs_kernels::cuda::StepsProblem pr = steps_problem(dtype, grads, tasks, numel, layers,
+                                                          num_layers, gaps, num_gaps,
+                                                          total_channels);
+  const std::size_t bytes = cs_kernels::cuda::channel_gram_workspace_bytes(pr);
+  std::vector<unsigned char>& buffer = scratch(bytes);
+  void* workspace = aligned(buffer);
+  add_step_regions(pr);
+  const auto cells = static_cast<std::size_t>(total_channels * tasks * tasks);
+  csk_emu::add_region(gram, (dtype == 1 ? 8 : 4) * cells, true, "gram");
+  csk_emu::add_region(sum_out, element_size(dtype) * static_cast<std::size_t>(numel), true,
+                      "sum_out");
+  csk_emu::add_region(workspace, bytes, true, "workspace");
+  return result(cs_kernels::cuda::channel_gram_launch(pr, gram, sum_out, workspace, nullptr));
+}
+
+const char* csk_emu_project(int dtype, const void* grads, int64_t tasks, int64_t numel,
+                            const int64_t* layers, int64_t num_layers, const int64_t* gaps,
+                            int64_t num_gaps, const int64_t* top, int64_t total_channels,
+                            const void* coefficients, int out_holds_sum, void* out,
+                            void* projected) {
+  csk_emu::reset();
+  const cs_kernels::cuda::StepsProblem pr = steps_problem(dtype, grads, tasks, numel, layers,
+                                                          num_layers, gaps, num_gaps,
+                                                          total_channels);
+  const std::size_t bytes = cs_kernels::cuda::project_workspace_bytes(pr);
+  std::vector<unsigned char>& buffer = scratch(bytes);
+  void* workspace = aligned(buffer);
+  add_step_regions(pr);
+  const std::size_t es = element_size(dtype);
+  const auto n = static_cast<std::size_t>(numel), t = static_cast<std::size_t>(tasks);
+  const auto c = static_cast<std::size_t>(total_channels);
+  csk_emu::add_region(top, 8 * c, false, "top");
+  csk_emu::add_region(coefficients, (dtype == 1 ? 8 : 4) * t * c, false, "coefficients");
+  csk_emu::add_region(out, es * n, true, "out");
+  csk_emu::add_region(projected, es * t * n, true, "projected");
+  csk_emu::add_region(workspace, bytes, true, "workspace");
+  return result(cs_kernels::cuda::project_launch(pr, top, coefficients, out_holds_sum != 0, out,
+                                                 projected, workspace, nullptr));
 }
 
 }  // extern "C"

@@ -39,6 +39,39 @@ std::size_t phase2_workspace_bytes(const Phase2Problem& problem);
 // phase2_workspace_bytes(problem) bytes, 256-byte aligned; it is scratch for this call only.
 const char* phase2_launch(const Phase2Problem& problem, void* workspace, void* stream);
 
+// Phase 2 in steps (cs_kernels/phase2_steps.py, as csrc/steps_cpu.cpp) on grads [T, N], with
+// the plan's tables in device memory.
+struct StepsProblem {
+  ScalarType dtype = ScalarType::kFloat32;
+  const void* grads = nullptr;      // [T, N], contiguous
+  int64_t tasks = 0;                // T
+  int64_t numel = 0;                // N
+  const int64_t* layers = nullptr;  // [L, 4]: offset, channels, row_length, first_channel
+  int64_t num_layers = 0;
+  const int64_t* gaps = nullptr;    // [G, 2]: offset, length
+  int64_t num_gaps = 0;
+  int64_t total_channels = 0;       // C
+};
+
+// Scratch bytes of channel_gram_launch / project_launch (from the sizes alone).
+std::size_t channel_gram_workspace_bytes(const StepsProblem& problem);
+std::size_t project_workspace_bytes(const StepsProblem& problem);
+
+// gram [C, T, T] (fp32; fp64 for fp64) = <G_i[c], G_j[c]> per channel row (0 for channels no
+// layer covers); with `sum_out` ([N], dtype of grads; may be nullptr) also sum_t G_t on every
+// row and gap element, in the same pass. Three launches (setup, main pass, long rows).
+const char* channel_gram_launch(const StepsProblem& problem, void* gram, void* sum_out,
+                                void* workspace, void* stream);
+
+// out [N] = sum_t G_t - (sum_j coef[j, c]) * G_top(c)[c] on every channel row, the plain sum
+// on the gaps; with `out_holds_sum`, `out` already holds the plain sum and only rows with a
+// non-zero shrink are rewritten (gaps untouched). `coefficients`: [T, C] in the accumulation
+// dtype; `top`: [C] int64 (a channel whose top is outside [0, T) is plainly summed). With
+// `projected` ([T, N] or nullptr) also G'_t. Two launches (setup, element pass).
+const char* project_launch(const StepsProblem& problem, const int64_t* top,
+                           const void* coefficients, bool out_holds_sum, void* out,
+                           void* projected, void* workspace, void* stream);
+
 // One matrix [rows, cols] (contiguous) for the batched squared row norms.
 struct Matrix {
   const void* data = nullptr;
