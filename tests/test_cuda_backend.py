@@ -335,16 +335,21 @@ def test_steps_are_bitwise_repeatable() -> None:
 
 @gpu
 def test_steps_without_host_synchronisation() -> None:
-    """With the checks off, the fused steps (the Gram pass, the projection) never wait for
-    the GPU. (The coefficients in between are vectorised PyTorch, outside this test.)"""
+    """With the checks off, the steps (the fused Gram pass and projection, the vectorised
+    coefficients in between, in both modes) never wait for the GPU."""
     plan = model_plan("resnet18")
     grads, top = _inputs(plan, 3, torch.float32, seed=23)
     total = torch.empty(plan.numel, device=CUDA)
     coef = ck.projection_coefficients(ck.channel_gram(grads, plan, backend="cuda"), plan, top)
 
     def step() -> None:
-        ck.channel_gram(grads, plan, backend="cuda")
+        gram = ck.channel_gram(grads, plan, backend="cuda")
         ck.channel_gram(grads, plan, out=total, backend="cuda")
+        for mode in ("group", "channel"):
+            for uniform in ("sum", "project"):
+                ck.projection_coefficients(
+                    gram, plan, top, mode=mode, uniform=uniform, backend="cuda", check=False
+                )
         ck.apply_projection(grads, plan, top, coef, backend="cuda", check=False)
         ck.apply_projection(grads, plan, top, coef, per_task=True, backend="cuda", check=False)
         ck.apply_projection(

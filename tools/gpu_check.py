@@ -87,7 +87,8 @@ STAGES = (
         90,
         240,
         "nvcc compiles csrc/cuda/phase2.cu for one architecture in about 45 s of one core "
-        "here (99 s for sm_80 + sm_90 with --threads 2 under load), strength.cu in 10 s; the "
+        "here (99 s for sm_80 + sm_90 with --threads 2 under load), strength.cu in 10 s, "
+        "steps.cu in 10-25 s for both; the "
         "five torch-including .cpp files take 20-60 s each and build in parallel beside it "
         "(MAX_JOBS = cores); then the 60 triton configurations of one architecture, "
         "1.4 CPU-s each, over 16 cores: about 10 s with the workers' start",

@@ -240,7 +240,10 @@ def projection_coefficients(
     with_top = gram.gather(1, top.view(channels, 1, 1).expand(channels, 1, num_tasks))[:, 0]
     dots = with_top.t()  # [T, C]: <G_top(c)[c], G_j[c]>
     group_of = chan_layer * num_tasks + top  # [C]: group (layer, top task)
-    counts = torch.bincount(group_of, minlength=plan.num_layers * num_tasks)  # [L * T]
+    # [L * T] channels per group; a scatter of ones, not bincount (which synchronises on CUDA
+    # to size its result by the largest value)
+    counts = torch.zeros(plan.num_layers * num_tasks, dtype=torch.int64, device=gram.device)
+    counts.scatter_add_(0, group_of, torch.ones_like(group_of))
     if group:
         # Sort the channels by group (stable), then one segment sum per (group, task j).
         order = torch.argsort(group_of, stable=True)
