@@ -389,11 +389,10 @@ at::Tensor channel_gram_cpu(const at::Tensor& grads, const at::Tensor& layers,
   if (with_sum) check_out(*sum_out, grads, "sum_out");
   const int64_t tasks = grads.size(0), numel = grads.size(1);
   const auto acc = grads.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor gram = at::empty({channels, tasks, tasks}, grads.options().dtype(acc));
-  if (tasks == 0 || numel == 0) {
-    gram.zero_();
-    return gram;
-  }
+  // Zeros: a channel no layer covers (only with a `channels` beyond the tables) stays 0, as
+  // in the CUDA kernel.
+  at::Tensor gram = at::zeros({channels, tasks, tasks}, grads.options().dtype(acc));
+  if (tasks == 0 || numel == 0) return gram;
   const Schedule s = make_schedule(tasks, layers.data_ptr<int64_t>(), layers.size(0),
                                    gaps.data_ptr<int64_t>(), gaps.size(0), with_sum);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grads.scalar_type(), "channel_gram", [&] {

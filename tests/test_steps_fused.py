@@ -215,3 +215,21 @@ def test_compiled_ops_reject_bad_tables() -> None:
         torch.ops.cs_kernels.project_(
             grads, layers, gaps, top, torch.zeros(2, 2), False, torch.empty(10), None
         )
+
+
+@pytest.mark.skipif("cpu" not in FAST_BACKENDS, reason="the cpu backend is not built here")
+def test_cpu_gram_of_channels_no_layer_covers_is_zero() -> None:
+    """The raw op with more channels than its tables cover (the public API never asks for
+    that): the extra channels' Gram matrices are zeros, not uninitialised memory."""
+    gen = torch.Generator().manual_seed(31)
+    grads = normal_grads(gen, 3, MIXED.numel)
+    extra = 2
+    # Leave a freed block of the result's size full of NaN for the allocator to hand back.
+    dirty = torch.full(((MIXED.total_channels + extra) * 9,), float("nan"))
+    del dirty
+    gram = torch.ops.cs_kernels.channel_gram(
+        grads, MIXED.layer_table("cpu"), MIXED.gap_table("cpu"), MIXED.total_channels + extra, None
+    )
+    assert torch.equal(gram[-extra:], torch.zeros(extra, 3, 3))
+    expected = ck.channel_gram(grads, MIXED, backend="reference").to(gram.dtype)
+    assert_close(gram[:-extra], expected, torch.float32, "covered channels")
